@@ -1,0 +1,1 @@
+"""Consumers: validate, order, batch and store the records that producers send."""

@@ -1,0 +1,1 @@
+"""Producers: extract event records on processing nodes and send them to the broker."""

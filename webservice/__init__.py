@@ -1,0 +1,1 @@
+"""The HTTP service (FastAPI): picking, lookups, trigger counts, cones, async queries."""
