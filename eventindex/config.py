@@ -100,7 +100,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
-def _parse_env_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """A TOML literal if it parses as one (numbers, booleans, lists), else the plain string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -124,7 +124,7 @@ def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """EVENTINDEX_<SECTION>__<KEY>[__<KEY>] variables as a nested mapping."""
     dotted = {
-        name[len(ENV_PREFIX) :].lower().replace("__", "."): _parse_env_value(value)
+        name[len(ENV_PREFIX) :].lower().replace("__", "."): parse_value(value)
         for name, value in environ.items()
         if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]
     }

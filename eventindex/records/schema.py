@@ -95,11 +95,12 @@ def key_columns(kind: RecordKind) -> tuple[str, ...]:
 def mask_bits_set(mask: bytes) -> list[int]:
     """Bit numbers set in a trigger mask (bit i = byte i//8, bit i%8)."""
     bits = []
-    for byte_index, byte in enumerate(mask):
-        while byte:
-            low = byte & -byte
+    for byte_index, value in enumerate(mask):
+        remaining = value
+        while remaining:
+            low = remaining & -remaining
             bits.append(byte_index * 8 + low.bit_length() - 1)
-            byte ^= low
+            remaining ^= low
     return bits
 
 

@@ -1,0 +1,117 @@
+"""The Creator's last step: write a table as a TagFile in the store and register it.
+
+Order of operations, so that a crash at any point loses nothing committed and
+leaves nothing that looks committed: register the entry as ``writing``, write
+the map-file atomically (temporary name, flush, rename), then commit the full
+entry (rows, bytes, checksum, key range, message ids, GUIDs) in one catalog
+transaction. Debris of a crash is a ``writing`` entry or a temporary file,
+which ``eventindex catalog verify`` reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog.base import Catalog
+from catalog.model import Dataset, FileKind, FileState, TagFile, new_file_id
+from eventindex.errors import EventIndexError
+from eventindex.storage import WriteOptions, exists, join, write_mapfile
+from eventindex.storage.filesystem import delete_file
+
+
+def absolute_uri(root: str) -> str:
+    """Local paths made absolute (so catalog URIs do not depend on the working
+    directory); URIs with a scheme are kept as they are."""
+    return root if "://" in root else str(Path(root).absolute())
+
+
+def referenced_guids(table: pa.Table) -> tuple[str, ...]:
+    """Distinct file GUIDs in an event table's references, sorted."""
+    if "references" not in table.column_names or table.num_rows == 0:
+        return ()
+    guids = pc.list_flatten(table.column("references")).combine_chunks().field("guid")
+    return tuple(sorted(pc.unique(guids).to_pylist()))
+
+
+class FilesetWriter:
+    """Writes TagFiles of datasets under ``<root>/<collection>/<dataset>/<kind>/``."""
+
+    def __init__(self, catalog: Catalog, store_root: str, options: WriteOptions | None = None):
+        self.catalog = catalog
+        self.root = absolute_uri(store_root)
+        self.options = options or WriteOptions()
+
+    def uri_for(self, dataset: Dataset, kind: FileKind, file_id: str, part: str = "") -> str:
+        name = f"{part}.{file_id}.parquet" if part else f"{file_id}.parquet"
+        return join(self.root, dataset.collection, dataset.name, kind.value, name)
+
+    def write(
+        self,
+        table: pa.Table,
+        dataset: Dataset,
+        *,
+        kind: FileKind = FileKind.MASTER,
+        part: str = "",
+        message_ids: Iterable[str] = (),
+        supersedes: Iterable[str] = (),
+        attributes: Mapping[str, str] | None = None,
+    ) -> TagFile:
+        """Write ``table`` (sorted by the collection key on the way) and commit its entry."""
+        collection = self.catalog.get_collection(dataset.collection)
+        file_id = new_file_id()
+        entry = TagFile(
+            file_id=file_id,
+            dataset=dataset.name,
+            collection=dataset.collection,
+            kind=kind,
+            uri=self.uri_for(dataset, kind, file_id, part),
+            part=part,
+            state=FileState.WRITING,
+            attributes=dict(attributes or {}),
+        )
+        self.catalog.add_tagfile(entry)
+        try:
+            info = write_mapfile(
+                table,
+                entry.uri,
+                collection.key,
+                self.options,
+                metadata={"dataset": dataset.name, "file_id": file_id, "kind": kind.value},
+            )
+            return self.catalog.commit_tagfile(
+                replace(
+                    entry,
+                    rows=info.rows,
+                    bytes=info.bytes,
+                    checksum=info.checksum,
+                    key_min=info.key_min,
+                    key_max=info.key_max,
+                    state=FileState.COMMITTED,
+                    committed_at=time.time(),
+                    message_ids=tuple(message_ids),
+                    guids=referenced_guids(table),
+                    supersedes=tuple(supersedes),
+                )
+            )
+        except BaseException:
+            self._forget(entry)
+            raise
+
+    def _forget(self, entry: TagFile) -> None:
+        """Undo a failed write: delete the file if it got renamed into place, and the
+        ``writing`` entry (best effort: if the catalog is down too, verify reports
+        the debris later)."""
+        try:
+            if self.catalog.get_tagfile(entry.file_id).state is not FileState.WRITING:
+                return
+            if exists(entry.uri):
+                delete_file(entry.uri)
+            self.catalog.remove_tagfile(entry.file_id)
+        except (EventIndexError, OSError):
+            pass
