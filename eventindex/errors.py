@@ -34,8 +34,7 @@ class MissingExtraError(EventIndexError):
 
     def __init__(self, package: str, extra: str, purpose: str) -> None:
         super().__init__(
-            f"{purpose} needs the Python package {package!r}: "
-            f"pip install 'eventindex[{extra}]'"
+            f"{purpose} needs the Python package {package!r}: pip install 'eventindex[{extra}]'"
         )
         self.package = package
         self.extra = extra
