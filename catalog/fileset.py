@@ -10,10 +10,10 @@ which ``eventindex catalog verify`` reports.
 
 from __future__ import annotations
 
+import posixpath
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,9 +26,10 @@ from eventindex.storage.filesystem import delete_file
 
 
 def absolute_uri(root: str) -> str:
-    """Local paths made absolute (so catalog URIs do not depend on the working
-    directory); URIs with a scheme are kept as they are."""
-    return root if "://" in root else str(Path(root).absolute())
+    """Local paths made absolute and normal (so catalog URIs do not depend on the
+    working directory, and one store has one spelling); URIs with a scheme are
+    kept as they are."""
+    return root if "://" in root else posixpath.abspath(root)
 
 
 def referenced_guids(table: pa.Table) -> tuple[str, ...]:

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import enum
 import itertools
+import posixpath
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+
 from catalog.base import Catalog
 from catalog.fileset import absolute_uri
 from catalog.model import FileKind, FileState, TagFile
 from eventindex.errors import StorageError
-from eventindex.storage import MapFileReader, file_checksum, file_size, list_files
+from eventindex.storage import MapFileReader, file_checksum, file_size, resolve
 
 STALE_WRITING_SECONDS = 3600.0
 
@@ -100,13 +104,14 @@ def _check_file(
     report.bytes_checked += size
     if size != entry.bytes:
         problem("size_mismatch", f"catalog says {entry.bytes} bytes, file has {size}")
-    if checksums and entry.checksum and file_checksum(entry.uri) != entry.checksum:
-        problem("checksum_mismatch", f"file content does not match checksum {entry.checksum}")
     try:
+        if checksums and entry.checksum and file_checksum(entry.uri) != entry.checksum:
+            problem("checksum_mismatch", f"file content does not match checksum {entry.checksum}")
         with MapFileReader(entry.uri) as reader:
             rows, key_min, key_max = reader.num_rows, reader.key_min, reader.key_max
-    except StorageError as exc:
-        problem("unreadable", str(exc))
+    # A damaged footer can fail in many ways below the storage layer; each is "unreadable".
+    except (StorageError, OSError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
+        problem("unreadable", f"{type(exc).__name__}: {exc}")
         return None
     if rows != entry.rows:
         problem("rows_mismatch", f"catalog says {entry.rows} rows, file has {rows}")
@@ -170,6 +175,25 @@ def _check_extensions(committed: dict[str, TagFile], report: VerifyReport) -> No
         )
 
 
+def _normal(uri: str) -> str:
+    return posixpath.normpath(absolute_uri(uri)) if "://" not in uri else uri
+
+
+def _store_files(root: str) -> list[str]:
+    """Every file under ``root``, hidden ones too (temporary files of writes start
+    with a dot), as URIs spelled from ``root``."""
+    filesystem, path = resolve(root)
+    if filesystem.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    prefix, base = root.rstrip("/"), path.rstrip("/")
+    return sorted(
+        prefix + info.path[len(base) :]
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File
+    )
+
+
 def verify_catalog(
     catalog: Catalog,
     store_root: str | None,
@@ -208,19 +232,21 @@ def verify_catalog(
                 )
             )
     if store_root is not None and dataset is None:
-        known = {e.uri for e in every}
-        for uri in list_files(absolute_uri(store_root)):
+        known = {_normal(e.uri) for e in every}
+        for uri in _store_files(absolute_uri(store_root)):
             name = uri.rsplit("/", 1)[-1]
             if name.endswith(".tmp"):
                 report.problems.append(
                     Problem(
                         Severity.WARNING,
                         "temporary_file",
-                        "left by an interrupted write; safe to delete",
+                        "left by an interrupted write (or one still running)",
                         uri,
                     )
                 )
-            elif name.endswith(".parquet") and uri not in known:
+            elif (
+                name.endswith(".parquet") and not name.startswith(".") and _normal(uri) not in known
+            ):
                 report.problems.append(
                     Problem(Severity.ERROR, "orphan_file", "no catalog entry names this file", uri)
                 )

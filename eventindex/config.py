@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
@@ -67,7 +67,7 @@ class WebServiceSettings(Section):
 class SparkSettings(Section):
     master: str = "local[*]"
     app_name: str = "eventindex"
-    conf: dict[str, str] = {}
+    conf: dict[str, str] = {"spark.sql.shuffle.partitions": "8"}
 
 
 class Settings(Section):
@@ -96,12 +96,57 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError as exc:
         raise ConfigError(f"configuration file not found: {path}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
-def parse_value(raw: str) -> Any:
-    """A TOML literal if it parses as one (numbers, booleans, lists), else the plain string."""
+def _split_key(key: str) -> list[str]:
+    """The parts of a dotted key; inside a table setting (``spark.conf``) the rest of the
+    key is one name, since Spark's own keys hold dots."""
+    parts = key.split(".")
+    model: type[BaseModel] = Settings
+    for position, part in enumerate(parts[:-1]):
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        if get_origin(annotation) is dict:
+            return [*parts[: position + 1], ".".join(parts[position + 1 :])]
+        break
+    return parts
+
+
+def _expects_text(key: str) -> bool:
+    """Whether the setting at dotted ``key`` is a string, or a value of a str-to-str table."""
+    model: type[BaseModel] = Settings
+    parts = _split_key(key)
+    for position, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        if position == len(parts) - 1:
+            return annotation in (str, str | None)
+        return bool(annotation == dict[str, str] and position == len(parts) - 2)
+    return False
+
+
+def parse_value(raw: str, key: str | None = None) -> Any:
+    """A TOML literal if it parses as one (numbers, booleans, lists), else the plain string.
+
+    With the dotted ``key`` of a string setting the text is kept as it is, so a
+    host, path or name that looks like a number (``2024``, ``1e3``) stays text.
+    """
+    if key is not None and _expects_text(key):
+        return raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -111,7 +156,7 @@ def parse_value(raw: str) -> Any:
 def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, value in dotted.items():
-        parts = key.split(".")
+        parts = _split_key(key)
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -121,24 +166,53 @@ def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """EVENTINDEX_<SECTION>__<KEY>[__<KEY>] variables as a nested mapping."""
-    dotted = {
-        name[len(ENV_PREFIX) :].lower().replace("__", "."): parse_value(value)
-        for name, value in environ.items()
+def _env_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """Dotted key -> variable name of every EVENTINDEX_<SECTION>__<KEY> variable."""
+    return {
+        name[len(ENV_PREFIX) :].lower().replace("__", "."): name
+        for name in environ
         if name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX) :]
     }
-    return _nest(dotted)
 
 
-def _validate(data: dict[str, Any], sources: str) -> Settings:
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """EVENTINDEX_<SECTION>__<KEY>[__<KEY>] variables as a nested mapping."""
+    return _nest(
+        {key: parse_value(environ[name], key) for key, name in _env_variables(environ).items()}
+    )
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            yield from _leaves(value, f"{dotted}.")
+        else:
+            yield dotted
+
+
+def _origin(origins: Mapping[str, str], key: str) -> str:
+    """Where the value at ``key`` (or the keys under it, or the key above it) was set."""
+    if key in origins:
+        return origins[key]
+    below = sorted({o for k, o in origins.items() if k.startswith(f"{key}.")})
+    if below:
+        return ", ".join(below)
+    above = [k for k in origins if key.startswith(f"{k}.")]
+    return origins[max(above, key=len)] if above else ""
+
+
+def _validate(data: dict[str, Any], origins: Mapping[str, str]) -> Settings:
     try:
         return Settings.model_validate(data)
     except PydanticValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"bad configuration ({sources}): {problems}") from exc
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            origin = _origin(origins, key)
+            message = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{key}{f' (from {origin})' if origin else ''}: {message}")
+        raise ConfigError(f"bad configuration: {'; '.join(problems)}") from exc
 
 
 def load_config(
@@ -153,19 +227,22 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
-    sources = []
+    # Dotted key -> where its value came from, so an error can say what to fix.
+    origins: dict[str, str] = {}
+
+    def layer(update: dict[str, Any], origin: Callable[[str], str]) -> None:
+        nonlocal data
+        data = _merge(data, update)
+        origins.update({key: origin(key) for key in _leaves(update)})
+
     if DEFAULTS_FILE.exists():
-        data = _read_toml(DEFAULTS_FILE)
-        sources.append(str(DEFAULTS_FILE))
+        layer(_read_toml(DEFAULTS_FILE), lambda _key: str(DEFAULTS_FILE))
     chosen = path if path is not None else environ.get(ENV_CONFIG_FILE)
     if chosen:
-        data = _merge(data, _read_toml(Path(chosen)))
-        sources.append(str(chosen))
-    env = env_overrides(environ)
-    if env:
-        data = _merge(data, env)
-        sources.append("environment")
+        layer(_read_toml(Path(chosen)), lambda _key: str(chosen))
+    variables = _env_variables(environ)
+    layer(env_overrides(environ), lambda key: variables.get(key, "environment"))
     if overrides:
-        data = _merge(data, _nest({k: v for k, v in overrides.items() if v is not None}))
-        sources.append("flags")
-    return _validate(data, ", ".join(sources) or "built-in defaults")
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        layer(_nest(flags), lambda key: f"flag {key}" if key in flags else "flags")
+    return _validate(data, origins)

@@ -1,22 +1,29 @@
 """The Creator: new filesets from generated records, registered in the catalog.
 
 Re-running with the same spec resumes: a dataset whose committed rows already
-equal what the generator produces is skipped, so an interrupted ``generate``
-can simply be started again.
+equal what the generator produces is skipped, and a dataset that an
+interruption left with only some of its TagFiles gets the rows it lacks (its
+stored files must hold exactly the generated rows of their key ranges), so an
+interrupted ``generate`` can simply be started again.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
 
 from catalog.base import Catalog
 from catalog.fileset import FilesetWriter
-from catalog.model import Collection, Dataset, FileKind
+from catalog.model import Collection, Dataset, FileKind, TagFile
 from eventindex.errors import AlreadyExistsError, CatalogError
 from eventindex.generator import GeneratorSpec, dataset_specs, generate_menus, iter_runs
-from eventindex.records.schema import RecordKind
+from eventindex.records.schema import RecordKind, key_columns
+from eventindex.storage import MapFileReader, sort_by_key
+from eventindex.storage.keys import EncodedKeys, encode_key_columns
 
 
 @dataclass
@@ -45,6 +52,49 @@ def ensure_dataset(catalog: Catalog, dataset: Dataset) -> None:
         catalog.create_dataset(dataset)
 
 
+def _encoded_keys(table: pa.Table, key: Sequence[str]) -> EncodedKeys:
+    return encode_key_columns([table.column(k).to_numpy() for k in key])
+
+
+def missing_rows(
+    table: pa.Table, existing: Sequence[TagFile], key: Sequence[str]
+) -> list[pa.Table]:
+    """The contiguous pieces of ``table`` (sorted by ``key``) that no stored file holds.
+
+    Every stored file must hold exactly the rows of ``table`` in its key range,
+    else ``CatalogError``: the store was filled from another spec or seed.
+    """
+    keys = _encoded_keys(table, key)
+    covered: list[tuple[int, int]] = []
+    for entry in sorted(existing, key=lambda e: e.key_min):
+        with MapFileReader(entry.uri) as reader:
+            stored = _encoded_keys(reader.read(list(key)), key)
+        start = int(np.searchsorted(keys, stored[0], side="left")) if len(stored) else 0
+        stop = start + len(stored)
+        if stop > len(keys) or not np.array_equal(keys[start:stop], stored):
+            raise CatalogError(
+                f"dataset {entry.dataset} already holds rows (file {entry.file_id}, keys "
+                f"{entry.key_min}..{entry.key_max}) that this spec does not generate: "
+                "use another store or seed"
+            )
+        if covered and start < covered[-1][1]:
+            raise CatalogError(f"dataset {entry.dataset} holds overlapping files")
+        covered.append((start, stop))
+    pieces = []
+    position = 0
+    for start, stop in [*covered, (len(keys), len(keys))]:
+        if start > position:
+            pieces.append(table.slice(position, start - position))
+        position = stop
+    return pieces
+
+
+def _same_range(table: pa.Table, existing: Sequence[TagFile], key: Sequence[str]) -> bool:
+    first = tuple(table.column(k)[0].as_py() for k in key)
+    last = tuple(table.column(k)[-1].as_py() for k in key)
+    return (first, last) == (min(e.key_min for e in existing), max(e.key_max for e in existing))
+
+
 def create_generated(
     spec: GeneratorSpec,
     catalog: Catalog,
@@ -67,23 +117,27 @@ def create_generated(
     datasets = {d.name: d for d in dataset_specs(spec)}
     for dataset in datasets.values():
         ensure_dataset(catalog, dataset)
+    key = key_columns(RecordKind.EVENTS)
     for run_number, tables in iter_runs(spec):
-        for name, table in tables.items():
+        for name, generated in tables.items():
             existing = catalog.list_tagfiles(dataset=name, kinds=[FileKind.MASTER])
             stored = sum(f.rows for f in existing)
-            if existing and stored == table.num_rows:
+            table = sort_by_key(generated, key)
+            if stored > table.num_rows:
+                raise CatalogError(
+                    f"dataset {name} already holds {stored} rows, more than the "
+                    f"{table.num_rows} this spec generates: use another store or seed"
+                )
+            if existing and stored == table.num_rows and _same_range(table, existing, key):
                 summary.datasets_skipped.append(name)
                 continue
-            if existing:
-                raise CatalogError(
-                    f"dataset {name} already holds {stored} rows, not the {table.num_rows} "
-                    "this spec generates: use another store or seed"
-                )
-            for start in range(0, table.num_rows, file_rows):
-                entry = writer.write(table.slice(start, file_rows), datasets[name])
-                summary.files += 1
-                summary.rows += entry.rows
-                summary.bytes += entry.bytes
+            # A resumed dataset gets only the rows that its stored files lack.
+            for piece in missing_rows(table, existing, key) if existing else [table]:
+                for start in range(0, piece.num_rows, file_rows):
+                    entry = writer.write(piece.slice(start, file_rows), datasets[name])
+                    summary.files += 1
+                    summary.rows += entry.rows
+                    summary.bytes += entry.bytes
             summary.datasets_written.append(name)
         if progress:
             progress(run_number)

@@ -6,10 +6,11 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from eventindex import __version__
 from eventindex.cli import bench_cmd, catalog_cmd, config_cmd, demo_cmd, generate_cmd, pick_cmd
-from eventindex.cli.context import EXIT_ERROR, CliState, stderr
+from eventindex.cli.context import EXIT_ERROR, EXIT_INTERRUPTED, CliState, stderr
 from eventindex.config import parse_value
 from eventindex.errors import EventIndexError
 
@@ -34,7 +35,7 @@ def _parse_set(values: list[str]) -> dict[str, Any]:
             raise typer.BadParameter(
                 f"expected SECTION.KEY=VALUE, got {item!r}", param_hint="--set"
             )
-        overrides[key.strip()] = parse_value(value)
+        overrides[key.strip()] = parse_value(value, key.strip())
     return overrides
 
 
@@ -79,5 +80,10 @@ def main() -> None:
     try:
         app()
     except EventIndexError as exc:
-        stderr.print(f"[red]error:[/red] {exc}")
+        # One line however long (no wrapping), and the message is text, not markup.
+        message = " ".join(str(exc).split())
+        stderr.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
         sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        stderr.print("interrupted", style="red")
+        sys.exit(EXIT_INTERRUPTED)

@@ -15,7 +15,9 @@ from eventindex.cli.context import (
     OutputOption,
     catalog_of,
     print_json,
+    print_wide,
     state,
+    stderr,
     stdout,
 )
 
@@ -87,7 +89,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         table.add_column(name, justify="right" if isinstance(rows[0][name], int) else "left")
     for row in rows:
         table.add_row(*(_cell(v) for v in row.values()))
-    stdout.print(table)
+    print_wide(table)
 
 
 def _cell(value: Any) -> str:
@@ -122,7 +124,12 @@ def show(
                     "datasets": [d.name for d in catalog.list_datasets(name)],
                 }
             except NotFoundError:
-                detail = {"file": _plain(catalog.get_tagfile(name))}
+                try:
+                    detail = {"file": _plain(catalog.get_tagfile(name))}
+                except NotFoundError:
+                    raise NotFoundError(
+                        f"no dataset, collection or file id {name!r} in the catalog"
+                    ) from None
     if output is OutputFormat.JSON:
         print_json(detail)
         return
@@ -171,7 +178,10 @@ def verify(
 
     settings = state(ctx).settings
     quiet = output is OutputFormat.JSON
-    with catalog_of(settings) as catalog, Progress(transient=True, disable=quiet) as progress:
+    with (
+        catalog_of(settings) as catalog,
+        Progress(console=stderr, transient=True, disable=quiet) as progress,
+    ):
         task = progress.add_task("verifying", total=None)
 
         def advance(done: int, total: int) -> None:

@@ -18,6 +18,7 @@ from eventindex.config import Settings, load_config
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1  # nothing matched, or a check found problems
 EXIT_ERROR = 2  # bad input, bad configuration, or a failure
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False)
@@ -52,6 +53,20 @@ def state(ctx: typer.Context) -> CliState:
         obj = CliState()
         ctx.find_root().obj = obj
     return obj
+
+
+def print_wide(renderable: Any) -> None:
+    """Print a table at its natural width: identifiers (dataset names, GUIDs) are never
+    cut short to fit a terminal or a pipe's assumed 80 columns."""
+    from rich.measure import Measurement
+
+    unbounded = stdout.options.update_width(1_000_000)
+    needed = Measurement.get(stdout, unbounded, renderable).maximum
+    if needed <= stdout.width:
+        stdout.print(renderable)
+        return
+    wide = Console(file=stdout.file, width=needed, highlight=False, no_color=stdout.no_color)
+    wide.print(renderable)
 
 
 def print_json(data: Any) -> None:

@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import Progress
 
-from eventindex.cli.context import OutputFormat, OutputOption, catalog_of, print_json, state, stdout
+from eventindex.cli.context import (
+    OutputFormat,
+    OutputOption,
+    catalog_of,
+    print_json,
+    state,
+    stderr,
+    stdout,
+)
 
 if TYPE_CHECKING:
     from eventindex.generator import GeneratorSpec
@@ -82,7 +90,10 @@ def _to_store(
         compression=settings.mapfile.compression,
         compression_level=settings.mapfile.compression_level,
     )
-    with catalog_of(settings) as catalog, Progress(transient=True, disable=quiet) as progress:
+    with (
+        catalog_of(settings) as catalog,
+        Progress(console=stderr, transient=True, disable=quiet) as progress,
+    ):
         task = progress.add_task("generating runs", total=spec.runs)
         writer = FilesetWriter(catalog, settings.store.root, options)
         summary = create_generated(

@@ -40,6 +40,7 @@ def pick(
     """Find an event in every dataset that holds it: its attributes, and for each format the
     file GUID and the event's position in that file. Exit status 1 if it is not found."""
     from eventindex.query import Reader
+    from eventindex.records.schema import RecordKind
 
     with catalog_of(state(ctx).settings) as catalog:
         if collection is None:
@@ -50,7 +51,8 @@ def pick(
                     f"({', '.join(names) or 'none'})"
                 )
             collection = names[0]
-        catalog.get_collection(collection)
+        if catalog.get_collection(collection).kind is not RecordKind.EVENTS:
+            raise NotFoundError(f"collection {collection!r} holds objects, not events")
         reader = Reader(catalog)
         try:
             picked = reader.pick(

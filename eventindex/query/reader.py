@@ -17,6 +17,7 @@ from typing import Any
 
 from catalog.base import Catalog
 from catalog.model import Dataset, FileKind, TagFile
+from eventindex.errors import NotFoundError
 from eventindex.storage import MapFileReader
 
 PICK_COLUMNS = (
@@ -79,17 +80,24 @@ class Reader:
             if reader is not None:
                 self._readers.move_to_end(entry.file_id)
                 return reader
-        reader = MapFileReader(entry.uri)
+        opened = MapFileReader(entry.uri)  # outside the lock: opening reads a footer
         with self._lock:
-            self._readers[entry.file_id] = reader
+            reader = self._readers.setdefault(entry.file_id, opened)
+            self._readers.move_to_end(entry.file_id)
             while len(self._readers) > self.max_open_files:
                 _, old = self._readers.popitem(last=False)
                 old.close()
+        if reader is not opened:  # another thread opened it first
+            opened.close()
         return reader
 
-    def _dataset(self, name: str) -> Dataset:
+    def _dataset(self, name: str) -> Dataset | None:
+        """The named dataset, or ``None`` if the catalog does not know it."""
         if name not in self._datasets:
-            self._datasets[name] = self.catalog.get_dataset(name)
+            try:
+                self._datasets[name] = self.catalog.get_dataset(name)
+            except NotFoundError:
+                return None
         return self._datasets[name]
 
     def pick(
@@ -101,7 +109,12 @@ class Reader:
         formats: Iterable[str] | None = None,
         dataset_pattern: str | None = None,
     ) -> PickedEvent | None:
-        """Every known location of one event, or ``None`` if no dataset holds it."""
+        """Every known location of one event, or ``None`` if no dataset holds it.
+
+        ``formats`` keeps the locations of those formats; ``dataset_pattern`` (a
+        glob) keeps the datasets whose names match it, both as the files read
+        and as the datasets locations are attributed to.
+        """
         key = (run_number, event_number)
         wanted_formats = set(formats) if formats else None
         candidates = [
@@ -125,7 +138,7 @@ class Reader:
                 attributes = {
                     k: v for k, v in row.items() if k not in ("run_number", "event_number")
                 }
-            dataset = self._dataset(entry.dataset)
+            dataset = self._dataset(entry.dataset) or Dataset(entry.dataset, collection)
             for reference in references:
                 owner = self._owner(dataset, reference["format"])
                 location = EventLocation(
@@ -136,14 +149,17 @@ class Reader:
                     position=reference["position"],
                 )
                 slot = (location.format, location.guid, location.position)
-                if slot not in locations or (owner is dataset):
+                # A dataset's own copy wins; an attributed copy beats an unattributed one.
+                known = locations.get(slot)
+                if known is None or owner is dataset or (owner and not known.dataset):
                     locations[slot] = location
         if not attributes:
             return None
         chosen = [
             loc
             for loc in locations.values()
-            if wanted_formats is None or loc.format in wanted_formats
+            if (wanted_formats is None or loc.format in wanted_formats)
+            and (dataset_pattern is None or fnmatch.fnmatchcase(loc.dataset, dataset_pattern))
         ]
         chosen.sort(key=lambda loc: (loc.format, loc.dataset, loc.guid))
         return PickedEvent(collection, run_number, event_number, attributes, chosen)
@@ -164,3 +180,9 @@ class Reader:
             for reader in self._readers.values():
                 reader.close()
             self._readers.clear()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
