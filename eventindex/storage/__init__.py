@@ -1,6 +1,7 @@
 """Map-file storage: sorted Parquet files with an in-memory key index, on pyarrow file systems."""
 
 from eventindex.storage.filesystem import (
+    delete_file,
     exists,
     file_checksum,
     file_size,
@@ -14,6 +15,7 @@ from eventindex.storage.mapfile import (
     KeyCache,
     MapFileInfo,
     MapFileReader,
+    MapFileWriter,
     WriteOptions,
     sort_by_key,
     write_mapfile,
@@ -25,7 +27,9 @@ __all__ = [
     "KeyCache",
     "MapFileInfo",
     "MapFileReader",
+    "MapFileWriter",
     "WriteOptions",
+    "delete_file",
     "exists",
     "file_checksum",
     "file_size",

@@ -73,6 +73,9 @@ def decode_key_columns(encoded: EncodedKeys, dtypes: KeyDtypes) -> list[npt.NDAr
     return columns
 
 
+_BOOLS = frozenset({bool, np.bool_})
+
+
 def _check_component(value: object, position: int, dtype: np.dtype[Any]) -> int:
     # bool is an int subclass, but True is no run number: refuse it with other non-integers.
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
@@ -124,7 +127,8 @@ def encode_query_keys(keys: Sequence[Sequence[int]], dtypes: KeyDtypes) -> Encod
             array = np.asarray(values)
         except OverflowError:
             array = np.asarray(values, dtype=object)
-        if array.dtype.kind in "iu":
+        # NumPy turns True into 1 in an integer array: look for bools before trusting it.
+        if array.dtype.kind in "iu" and not _BOOLS & set(map(type, values)):
             info = np.iinfo(dtype)
             low, high = array.min(), array.max()
             if low < info.min or high > info.max:
