@@ -115,11 +115,9 @@ def encode_query_keys(keys: Sequence[Sequence[int]], dtypes: KeyDtypes) -> Encod
     width = key_width(dtypes)
     if len(keys) == 0:
         return np.empty(0, dtype=f"S{width}")
-    for key in keys:
-        if len(key) != len(dtypes):
-            raise ValueError(
-                f"key {tuple(key)!r} has {len(key)} components, expected {len(dtypes)}"
-            )
+    if set(map(len, keys)) != {len(dtypes)}:
+        bad = next(key for key in keys if len(key) != len(dtypes))
+        raise ValueError(f"key {tuple(bad)!r} has {len(bad)} components, expected {len(dtypes)}")
     columns = []
     for position, dtype in enumerate(dtypes):
         values = [key[position] for key in keys]

@@ -421,6 +421,7 @@ class KeyCache:
         self.misses = 0
 
     def get(self, token: tuple[int, int]) -> EncodedKeys | None:
+        """The keys of one (reader, row group), most recently used from now on."""
         with self._lock:
             entry = self._entries.get(token)
             if entry is None:
@@ -431,6 +432,7 @@ class KeyCache:
             return entry
 
     def put(self, token: tuple[int, int], keys: EncodedKeys) -> None:
+        """Keep the keys of one (reader, row group), evicting the least recently used."""
         if keys.nbytes > self.max_bytes:
             return
         with self._lock:
@@ -449,6 +451,7 @@ class KeyCache:
                 self._bytes -= self._entries.pop(token).nbytes
 
     def clear(self) -> None:
+        """Forget everything (hit and miss counts stay)."""
         with self._lock:
             self._entries.clear()
             self._bytes = 0
