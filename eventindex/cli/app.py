@@ -9,7 +9,16 @@ import typer
 from rich.text import Text
 
 from eventindex import __version__
-from eventindex.cli import bench_cmd, catalog_cmd, config_cmd, demo_cmd, generate_cmd, pick_cmd
+from eventindex.cli import (
+    bench_cmd,
+    catalog_cmd,
+    config_cmd,
+    demo_cmd,
+    generate_cmd,
+    lookup_cmd,
+    pick_cmd,
+    serve_cmd,
+)
 from eventindex.cli.context import EXIT_ERROR, EXIT_INTERRUPTED, CliState, stderr
 from eventindex.config import parse_value
 from eventindex.errors import EventIndexError
@@ -22,7 +31,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(catalog_cmd.app, name="catalog")
-for module in (generate_cmd, pick_cmd, bench_cmd, demo_cmd):
+for module in (generate_cmd, pick_cmd, lookup_cmd, bench_cmd, demo_cmd, serve_cmd):
     module.register(app)
 app.add_typer(config_cmd.app, name="config")
 

@@ -1,5 +1,19 @@
 """Answering queries with the cheapest tool: key lookups through map-file indexes."""
 
-from eventindex.query.reader import EventLocation, PickedEvent, Reader
+from eventindex.query.reader import (
+    EventLocation,
+    FileEvents,
+    PickedEvent,
+    Reader,
+    check_event_key,
+    select_columns,
+)
 
-__all__ = ["EventLocation", "PickedEvent", "Reader"]
+__all__ = [
+    "EventLocation",
+    "FileEvents",
+    "PickedEvent",
+    "Reader",
+    "check_event_key",
+    "select_columns",
+]

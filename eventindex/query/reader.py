@@ -1,24 +1,46 @@
 """The Reader: one logical record per event, gathered from every dataset that holds it.
 
-The catalog says which master files of a collection may hold a key (by run
-range, then by each file's exact key range); map-file indexes answer the rest.
-Files are immutable, so open readers are cached by file id for as long as the
-catalog lists them.
+The committed master TagFiles of a collection are listed from the catalog at
+most once per ``refresh_seconds`` and kept in memory as an interval index
+sorted by first key, so finding the files that may hold a key is a bisect, not
+a catalog query. Map-file key indexes then say which of those files hold the
+key (no payload is read for that), and only the files that must be read are
+decoded.
+
+A record references every processing stage of its event (DESIGN.md §1, §3):
+an AOD record names its RAW file and entry too. So when a derived dataset holds
+the event, the copies in its upstream datasets are already known from its
+references, and those upstream files are not read; an upstream dataset is read
+only if no record that was read accounts for its copy. Files are immutable, so
+open readers are cached by file id for as long as the catalog lists them.
 """
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
+import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from catalog.base import Catalog
-from catalog.model import Dataset, FileKind, TagFile
-from eventindex.errors import NotFoundError
-from eventindex.storage import MapFileReader
+from catalog.model import Collection, Dataset, FileKind, TagFile
+from eventindex.errors import EventIndexError, NotFoundError
+from eventindex.records.schema import EVENT_KEY, EVENT_SCHEMA, RecordKind
+from eventindex.storage import DEFAULT_KEY_CACHE, QUERY_INDEX, MapFileReader
+from eventindex.storage.keys import EncodedKeys, encode_key_columns, encode_query_keys
+from eventindex.storage.mapfile import key_dtypes
+
+logger = logging.getLogger(__name__)
 
 PICK_COLUMNS = (
     "run_number",
@@ -33,6 +55,38 @@ PICK_COLUMNS = (
     "hltpsk",
     "references",
 )
+REFERENCES = ("references",)
+RUN_NUMBER_MAX = 2**32 - 1
+EVENT_NUMBER_MAX = 2**64 - 1
+# Threads decoding the files of a pick side by side (a pick reads two or three).
+READ_THREADS = 8
+
+Key = tuple[int, ...]
+EventKey = tuple[int, int]
+# Where a reference points: (dataset, processing tag, rank): 2 the record's own dataset,
+# 1 a dataset upstream of it, 0 none the catalog knows.
+_Attribution = tuple[str, str, int]
+_KEY_DTYPES = key_dtypes(EVENT_SCHEMA, EVENT_KEY)
+_BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary)
+
+
+def _check_number(name: str, value: object, maximum: int, where: str = "") -> int:
+    # bool is an int subclass, but True is no event number.
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{where}{name} must be an integer, not {value!r}")
+    number = int(value)
+    if not 0 <= number <= maximum:
+        raise ValueError(f"{where}{name} must be in [0, {maximum}], not {number}")
+    return number
+
+
+def check_event_key(run_number: object, event_number: object, where: str = "") -> EventKey:
+    """``(run_number, event_number)`` as ints; ``ValueError`` naming the field if one is
+    not an integer or lies outside uint32 (run) / uint64 (event)."""
+    return (
+        _check_number("run_number", run_number, RUN_NUMBER_MAX, where),
+        _check_number("event_number", event_number, EVENT_NUMBER_MAX, where),
+    )
 
 
 @dataclass(frozen=True)
@@ -48,6 +102,8 @@ class EventLocation:
 
 @dataclass(frozen=True)
 class PickedEvent:
+    """One event: its attributes, and every copy of it that the catalog knows."""
+
     collection: str
     run_number: int
     event_number: int
@@ -60,19 +116,236 @@ class PickedEvent:
             "run_number": self.run_number,
             "event_number": self.event_number,
             "attributes": self.attributes,
-            "locations": [location.__dict__ for location in self.locations],
+            "locations": [dict(location.__dict__) for location in self.locations],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PickedEvent:
+        """The inverse of ``to_dict`` (for answers that came over HTTP)."""
+        return cls(
+            collection=data["collection"],
+            run_number=int(data["run_number"]),
+            event_number=int(data["event_number"]),
+            attributes=dict(data.get("attributes") or {}),
+            locations=[EventLocation(**location) for location in data.get("locations") or []],
+        )
+
+
+@dataclass(frozen=True)
+class FileEvents:
+    """Every event of one file (by GUID), as ``(run_number, event_number, position)``
+    sorted by position: what an event service needs to read the file's events."""
+
+    guid: str
+    format: str
+    dataset: str
+    processing_tag: str
+    events: list[tuple[int, int, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "guid": self.guid,
+            "format": self.format,
+            "dataset": self.dataset,
+            "processing_tag": self.processing_tag,
+            "count": len(self.events),
+            "events": [
+                {"run_number": run, "event_number": event, "position": position}
+                for run, event, position in self.events
+            ],
         }
 
 
-class Reader:
-    """Picks events by ``(run_number, event_number)`` across the datasets of a collection."""
+def _key_of(values: Sequence[int]) -> Key:
+    return tuple(int(v) for v in values)
 
-    def __init__(self, catalog: Catalog, max_open_files: int = 1024) -> None:
+
+@dataclass
+class _Snapshot:
+    """The committed master files of one collection, as of ``loaded_at``.
+
+    ``files`` are sorted by first key; ``reach[i]`` is the largest last key of
+    ``files[: i + 1]``, so every file before ``bisect_left(reach, key)`` ends
+    before ``key`` and every file from ``bisect_right(starts, key)`` on starts
+    after it: only the files in between can hold it.
+    """
+
+    collection: str
+    loaded_at: float
+    files: list[TagFile]
+    datasets: dict[str, Dataset]
+    starts: list[Key] = field(init=False)
+    ends: list[Key] = field(init=False)
+    reach: list[Key] = field(init=False)
+    starts_encoded: EncodedKeys = field(init=False)
+    ends_encoded: EncodedKeys = field(init=False)
+    # Memos of what follows from the dataset graph, filled on first use.
+    owners: dict[tuple[str, str], Dataset | None] = field(default_factory=dict)
+    attributions: dict[tuple[str, str], _Attribution] = field(default_factory=dict)
+    implied: dict[str, frozenset[str]] = field(default_factory=dict)
+    plans: dict[tuple[str, ...], frozenset[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.files.sort(key=lambda f: (_key_of(f.key_min), f.dataset, f.file_id))
+        self.starts = [_key_of(f.key_min) for f in self.files]
+        self.ends = [_key_of(f.key_max) for f in self.files]
+        self.reach = []
+        for end in self.ends:
+            self.reach.append(max(end, self.reach[-1]) if self.reach else end)
+        self.starts_encoded = encode_query_keys(self.starts, _KEY_DTYPES)
+        self.ends_encoded = encode_query_keys(self.ends, _KEY_DTYPES)
+
+    @property
+    def file_ids(self) -> set[str]:
+        return {f.file_id for f in self.files}
+
+    def candidates(self, key: Key) -> list[TagFile]:
+        """Files whose key range holds ``key``."""
+        low = bisect.bisect_left(self.reach, key)
+        high = bisect.bisect_right(self.starts, key)
+        return [self.files[i] for i in range(low, high) if self.ends[i] >= key]
+
+
+@dataclass
+class _Record:
+    """What one dataset's file says about one event."""
+
+    entry: TagFile
+    references: list[dict[str, Any]]
+    attributes: dict[str, Any] | None
+
+
+class Reader:
+    """Picks events by ``(run_number, event_number)`` across the datasets of a collection.
+
+    Thread-safe; one Reader serves a whole process (the web service shares one).
+    The file list of a collection is refreshed from the catalog when it is older
+    than ``refresh_seconds`` (``refresh()`` forces it), so data committed later
+    becomes visible without a restart; readers of files that were retired are
+    closed ``retired_grace_seconds`` later, so a query still using them can finish.
+    """
+
+    retired_grace_seconds: float = 30.0
+    parallel_reads: bool = True
+
+    def __init__(
+        self, catalog: Catalog, *, max_open_files: int = 1024, refresh_seconds: float = 1.0
+    ) -> None:
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files must be positive, not {max_open_files}")
         self.catalog = catalog
         self.max_open_files = max_open_files
+        self.refresh_seconds = refresh_seconds
         self._readers: OrderedDict[str, MapFileReader] = OrderedDict()
-        self._datasets: dict[str, Dataset] = {}
+        self._retired: list[tuple[float, MapFileReader]] = []
         self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._collections: dict[str, Collection] = {}
+        self._collections_at = float("-inf")
+        self._foreign: dict[str, Dataset | None] = {}
+        self._counts = dict.fromkeys(
+            ("catalog_refreshes", "picks_served", "lookups_served", "events_looked_up"), 0
+        )
+
+    # -- the file index ------------------------------------------------------
+    def _count(self, name: str, by: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += by
+
+    def _load_collections(self) -> None:
+        self._collections = {c.name: c for c in self.catalog.list_collections()}
+        self._collections_at = time.monotonic()
+
+    def _collection(self, name: str) -> Collection:
+        collection = self._collections.get(name)
+        if collection is None and time.monotonic() - self._collections_at >= self.refresh_seconds:
+            with self._refresh_lock:
+                self._load_collections()
+            collection = self._collections.get(name)
+        if collection is None:
+            raise NotFoundError(f"collection {name!r} not found")
+        if collection.kind is not RecordKind.EVENTS:
+            raise NotFoundError(f"collection {name!r} holds {collection.kind.value}, not events")
+        return collection
+
+    def default_collection(self) -> str:
+        """The name of the only event collection; ``NotFoundError`` if there are none or several."""
+        if time.monotonic() - self._collections_at >= self.refresh_seconds:
+            with self._refresh_lock:
+                self._load_collections()
+        names = sorted(n for n, c in self._collections.items() if c.kind is RecordKind.EVENTS)
+        if len(names) != 1:
+            raise NotFoundError(
+                f"no collection named, and the catalog holds {len(names)} event collections "
+                f"({', '.join(names) or 'none'}): name one"
+            )
+        return names[0]
+
+    def _snapshot(self, collection: str) -> _Snapshot:
+        snapshot = self._snapshots.get(collection)
+        if snapshot is not None and time.monotonic() - snapshot.loaded_at < self.refresh_seconds:
+            return snapshot
+        if snapshot is None:
+            self._collection(collection)
+            with self._refresh_lock:
+                current = self._snapshots.get(collection)
+                if current is not None and current is not snapshot:
+                    return current  # another thread loaded it while this one waited
+                return self._load(collection)
+        # Stale: one thread reloads, the others keep answering from the old list meanwhile.
+        if not self._refresh_lock.acquire(blocking=False):
+            return snapshot
+        try:
+            return self._load(collection)
+        except EventIndexError as exc:
+            # A catalog outage should not fail picks the old list can answer: keep it,
+            # and try again one refresh period later rather than on every pick.
+            logger.warning("keeping the file list of %s: refresh failed: %s", collection, exc)
+            snapshot.loaded_at = time.monotonic()
+            return snapshot
+        finally:
+            self._refresh_lock.release()
+
+    def _load(self, collection: str) -> _Snapshot:
+        """List the collection's files and datasets (caller holds ``_refresh_lock``)."""
+        files = self.catalog.list_tagfiles(collection=collection, kinds=[FileKind.MASTER])
+        datasets = {d.name: d for d in self.catalog.list_datasets(collection)}
+        snapshot = _Snapshot(collection, time.monotonic(), files, datasets)
+        previous = self._snapshots.get(collection)
+        self._snapshots[collection] = snapshot
+        self._foreign = {}
+        self._count("catalog_refreshes")
+        if previous is not None:
+            self._retire(previous.file_ids - snapshot.file_ids)
+        self._close_retired(force=False)
+        return snapshot
+
+    def refresh(self) -> None:
+        """Re-read the catalog now: collections, and the files of every collection in use."""
+        with self._refresh_lock:
+            self._load_collections()
+            for name in list(self._snapshots):
+                if name in self._collections:
+                    self._load(name)
+                else:
+                    self._retire(self._snapshots.pop(name).file_ids)
+
+    def _retire(self, file_ids: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for file_id in file_ids:
+                reader = self._readers.pop(file_id, None)
+                if reader is not None:
+                    self._retired.append((now, reader))
+
+    def _close_retired(self, force: bool) -> None:
+        limit = time.monotonic() - self.retired_grace_seconds
+        with self._lock:
+            closing = [r for t, r in self._retired if force or t <= limit]
+            self._retired = [(t, r) for t, r in self._retired if not (force or t <= limit)]
+        for reader in closing:
+            reader.close()
 
     def _reader(self, entry: TagFile) -> MapFileReader:
         with self._lock:
@@ -84,21 +357,166 @@ class Reader:
         with self._lock:
             reader = self._readers.setdefault(entry.file_id, opened)
             self._readers.move_to_end(entry.file_id)
+            now = time.monotonic()
             while len(self._readers) > self.max_open_files:
-                _, old = self._readers.popitem(last=False)
-                old.close()
+                # Evicted readers may be in use by another thread: close them later.
+                self._retired.append((now, self._readers.popitem(last=False)[1]))
         if reader is not opened:  # another thread opened it first
             opened.close()
         return reader
 
-    def _dataset(self, name: str) -> Dataset | None:
+    # -- the dataset graph ---------------------------------------------------
+    def _dataset(self, snapshot: _Snapshot, name: str) -> Dataset | None:
         """The named dataset, or ``None`` if the catalog does not know it."""
-        if name not in self._datasets:
+        known = snapshot.datasets.get(name)
+        if known is not None:
+            return known
+        if name not in self._foreign:  # an upstream in another collection, or none at all
             try:
-                self._datasets[name] = self.catalog.get_dataset(name)
+                self._foreign[name] = self.catalog.get_dataset(name)
             except NotFoundError:
-                return None
-        return self._datasets[name]
+                self._foreign[name] = None
+        return self._foreign[name]
+
+    def _owner(self, snapshot: _Snapshot, dataset: Dataset, fmt: str) -> Dataset | None:
+        """The dataset whose files are of format ``fmt``: this one, or one upstream."""
+        memo = (dataset.name, fmt)
+        if memo in snapshot.owners:
+            return snapshot.owners[memo]
+        owner = None
+        current: Dataset | None = dataset
+        seen = set()
+        while current is not None and current.name not in seen:
+            if current.format == fmt:
+                owner = current
+                break
+            seen.add(current.name)
+            current = self._dataset(snapshot, current.upstream) if current.upstream else None
+        snapshot.owners[memo] = owner
+        return owner
+
+    def _implied(self, snapshot: _Snapshot, name: str) -> frozenset[str]:
+        """Datasets upstream of ``name`` whose copies its records reference."""
+        if name not in snapshot.implied:
+            dataset = self._dataset(snapshot, name)
+            implied = set()
+            current = dataset
+            seen = {name}
+            while current is not None and current.upstream and current.upstream not in seen:
+                seen.add(current.upstream)
+                current = self._dataset(snapshot, current.upstream)
+                if (
+                    current is not None
+                    and dataset is not None
+                    and self._owner(snapshot, dataset, current.format) is current
+                ):
+                    implied.add(current.name)
+            snapshot.implied[name] = frozenset(implied)
+        return snapshot.implied[name]
+
+    def _plan(self, snapshot: _Snapshot, holders: tuple[str, ...]) -> frozenset[str]:
+        """Which of the datasets holding an event to read: the most derived ones first,
+        then any whose copy none of those references."""
+        plan = snapshot.plans.get(holders)
+        if plan is None:
+            depth = {name: len(self._implied(snapshot, name)) for name in holders}
+            read: set[str] = set()
+            covered: set[str] = set()
+            for name in sorted(holders, key=lambda n: (-depth[n], n)):
+                if name not in covered:
+                    read.add(name)
+                    covered |= self._implied(snapshot, name)
+            plan = snapshot.plans[holders] = frozenset(read)
+        return plan
+
+    # -- one event -----------------------------------------------------------
+    def _attribution(self, snapshot: _Snapshot, name: str, fmt: str) -> _Attribution:
+        """Which dataset a reference of format ``fmt`` in dataset ``name`` points into."""
+        memo = (name, fmt)
+        found = snapshot.attributions.get(memo)
+        if found is None:
+            dataset = self._dataset(snapshot, name) or Dataset(name, snapshot.collection)
+            owner = self._owner(snapshot, dataset, fmt)
+            rank = 0 if owner is None else 2 if owner.name == name else 1
+            found = (owner.name, owner.processing_tag, rank) if owner else ("", "", 0)
+            snapshot.attributions[memo] = found
+        return found
+
+    def _locations(
+        self, snapshot: _Snapshot, records: Sequence[_Record]
+    ) -> dict[tuple[str, str, int], _Attribution]:
+        """Every copy the records reference: (format, guid, position) -> its dataset."""
+        locations: dict[tuple[str, str, int], _Attribution] = {}
+        for record in records:
+            name = record.entry.dataset
+            for reference in record.references:
+                fmt = reference["format"]
+                attribution = self._attribution(snapshot, name, fmt)
+                slot = (fmt, reference["guid"], reference["position"])
+                # A dataset's own copy wins; an attributed copy beats an unattributed one.
+                known = locations.get(slot)
+                if known is None or attribution[2] == 2 or (attribution[2] > known[2] == 0):
+                    locations[slot] = attribution
+        return locations
+
+    def _record(self, entry: TagFile, key: EventKey, attributes: bool) -> _Record | None:
+        """One file's record of the event, with the event attributes or only its references."""
+        row = self._reader(entry).get(key, PICK_COLUMNS if attributes else REFERENCES)
+        if row is None:
+            return None
+        references = row.pop("references")
+        kept = {k: v for k, v in row.items() if k not in EVENT_KEY} if attributes else None
+        return _Record(entry, references, kept)
+
+    def _records(self, entries: Sequence[TagFile], key: EventKey) -> list[_Record]:
+        """The records of ``entries`` for one key, the first with the event attributes.
+
+        Several files are decoded on pool threads at once (Arrow decodes without the
+        GIL), so a pick waits for its slowest file rather than for the sum of them.
+        """
+        if len(entries) > 1 and self.parallel_reads:
+            pool = _read_pool()
+            futures = [pool.submit(self._record, e, key, False) for e in entries[1:]]
+            found = [self._record(entries[0], key, True), *(f.result() for f in futures)]
+        else:
+            found = [self._record(e, key, i == 0) for i, e in enumerate(entries)]
+        return [r for r in found if r is not None]
+
+    def _finish(
+        self,
+        snapshot: _Snapshot,
+        key: EventKey,
+        holders: Sequence[TagFile],
+        read: frozenset[str],
+        records: list[_Record],
+        formats: set[str] | None,
+        dataset_pattern: str | None,
+    ) -> PickedEvent | None:
+        """The picked event from the records read, reading skipped holders whose copy
+        no record accounts for (a record that lacks its upstream references)."""
+        locations = self._locations(snapshot, records)
+        attributed = {dataset for dataset, _, _ in locations.values()}
+        skipped = [e for e in holders if e.dataset not in read and e.dataset not in attributed]
+        for entry in skipped:
+            record = self._record(entry, key, attributes=not records)
+            if record is not None:
+                records.append(record)
+        if skipped:
+            locations = self._locations(snapshot, records)
+        if not records:
+            return None
+        attributes = next((r.attributes for r in records if r.attributes is not None), None)
+        if attributes is None:
+            record = self._record(records[0].entry, key, attributes=True)
+            attributes = record.attributes if record and record.attributes else {}
+        chosen = [
+            EventLocation(dataset, fmt, tag, guid, position)
+            for (fmt, guid, position), (dataset, tag, _) in locations.items()
+            if (formats is None or fmt in formats)
+            and (dataset_pattern is None or fnmatch.fnmatchcase(dataset, dataset_pattern))
+        ]
+        chosen.sort(key=lambda loc: (loc.format, loc.dataset, loc.guid, loc.position))
+        return PickedEvent(snapshot.collection, key[0], key[1], attributes, chosen)
 
     def pick(
         self,
@@ -113,76 +531,348 @@ class Reader:
 
         ``formats`` keeps the locations of those formats; ``dataset_pattern`` (a
         glob) keeps the datasets whose names match it, both as the files read
-        and as the datasets locations are attributed to.
+        and as the datasets locations are attributed to. ``ValueError`` for a
+        key outside uint32/uint64, ``NotFoundError`` for an unknown collection.
         """
-        key = (run_number, event_number)
+        key = check_event_key(run_number, event_number)
         wanted_formats = set(formats) if formats else None
-        candidates = [
+        snapshot = self._snapshot(collection)
+        self._count("picks_served")
+        holders = [
             entry
-            for entry in self.catalog.list_tagfiles(
-                collection=collection,
-                kinds=[FileKind.MASTER],
-                first_key_range=(run_number, run_number),
-            )
-            if entry.key_min <= key <= entry.key_max
-            and (dataset_pattern is None or fnmatch.fnmatchcase(entry.dataset, dataset_pattern))
+            for entry in snapshot.candidates(key)
+            if (dataset_pattern is None or fnmatch.fnmatchcase(entry.dataset, dataset_pattern))
+            # The key index alone says whether a file holds the key: no payload is read.
+            and self._reader(entry).get(key, EVENT_KEY) is not None
         ]
-        attributes: dict[str, Any] = {}
-        locations: dict[tuple[str, str, int], EventLocation] = {}
-        for entry in candidates:
-            row = self._reader(entry).get(key, PICK_COLUMNS)
-            if row is None:
-                continue
-            references = row.pop("references")
-            if not attributes:
-                attributes = {
-                    k: v for k, v in row.items() if k not in ("run_number", "event_number")
-                }
-            dataset = self._dataset(entry.dataset) or Dataset(entry.dataset, collection)
-            for reference in references:
-                owner = self._owner(dataset, reference["format"])
-                location = EventLocation(
-                    dataset=owner.name if owner else "",
-                    format=reference["format"],
-                    processing_tag=owner.processing_tag if owner else "",
-                    guid=reference["guid"],
-                    position=reference["position"],
-                )
-                slot = (location.format, location.guid, location.position)
-                # A dataset's own copy wins; an attributed copy beats an unattributed one.
-                known = locations.get(slot)
-                if known is None or owner is dataset or (owner and not known.dataset):
-                    locations[slot] = location
-        if not attributes:
+        if not holders:
             return None
-        chosen = [
-            loc
-            for loc in locations.values()
-            if (wanted_formats is None or loc.format in wanted_formats)
-            and (dataset_pattern is None or fnmatch.fnmatchcase(loc.dataset, dataset_pattern))
-        ]
-        chosen.sort(key=lambda loc: (loc.format, loc.dataset, loc.guid))
-        return PickedEvent(collection, run_number, event_number, attributes, chosen)
+        holders.sort(key=lambda e: (e.dataset, _key_of(e.key_min), e.file_id))
+        read = self._plan(snapshot, tuple(sorted({e.dataset for e in holders})))
+        records = self._records([e for e in holders if e.dataset in read], key)
+        return self._finish(snapshot, key, holders, read, records, wanted_formats, dataset_pattern)
 
-    def _owner(self, dataset: Dataset, fmt: str) -> Dataset | None:
-        """The dataset whose files are of format ``fmt``: this one, or one upstream."""
-        current: Dataset | None = dataset
-        seen = set()
-        while current is not None and current.name not in seen:
-            if current.format == fmt:
-                return current
-            seen.add(current.name)
-            current = self._dataset(current.upstream) if current.upstream else None
-        return None
+    # -- many events -----------------------------------------------------------
+    def lookup(
+        self,
+        collection: str,
+        keys: Sequence[tuple[int, int]],
+        *,
+        formats: Iterable[str] | None = None,
+        dataset_pattern: str | None = None,
+    ) -> list[PickedEvent | None]:
+        """``pick`` for many events at once: answers in the order of ``keys``.
+
+        Each file is asked once for all its keys (``MapFileReader.get_many``), so
+        a row group is decoded at most once however many of the keys it holds.
+        """
+        checked = [check_event_key(*key, where=f"keys[{i}]: ") for i, key in enumerate(keys)]
+        wanted_formats = set(formats) if formats else None
+        snapshot = self._snapshot(collection)
+        self._count("lookups_served")
+        self._count("events_looked_up", len(checked))
+        if not checked:
+            return []
+        holders = self._holders(snapshot, checked, dataset_pattern)
+
+        # Which files to read for which keys, decided as pick decides for one key.
+        reads: dict[int, list[int]] = {}
+        attributed: dict[int, set[int]] = {}
+        plans: list[frozenset[str]] = []
+        for query, files in enumerate(holders):
+            files.sort(key=lambda i: (snapshot.files[i].dataset, snapshot.starts[i], i))
+            read = (
+                self._plan(snapshot, tuple(sorted({snapshot.files[i].dataset for i in files})))
+                if files
+                else frozenset()
+            )
+            plans.append(read)
+            first = True
+            for index in files:
+                if snapshot.files[index].dataset in read:
+                    reads.setdefault(index, []).append(query)
+                    if first:
+                        attributed.setdefault(index, set()).add(query)
+                        first = False
+
+        # One file at a time: get_many already decodes a file's row groups on several threads.
+        records: list[list[_Record]] = [[] for _ in checked]
+        for index in sorted(reads):
+            entry = snapshot.files[index]
+            for query, record in self._read_many(
+                entry, checked, reads[index], attributed.get(index, set())
+            ):
+                records[query].append(record)
+        return [
+            self._finish(
+                snapshot,
+                key,
+                [snapshot.files[i] for i in holders[query]],
+                plans[query],
+                records[query],
+                wanted_formats,
+                dataset_pattern,
+            )
+            if holders[query]
+            else None
+            for query, key in enumerate(checked)
+        ]
+
+    def _holders(
+        self, snapshot: _Snapshot, keys: Sequence[EventKey], dataset_pattern: str | None
+    ) -> list[list[int]]:
+        """For every key, the indexes in ``snapshot.files`` of the files that hold it."""
+        runs = np.fromiter((k[0] for k in keys), dtype=np.uint32, count=len(keys))
+        events = np.fromiter((k[1] for k in keys), dtype=np.uint64, count=len(keys))
+        encoded = encode_key_columns([runs, events])
+        order = np.argsort(encoded, kind="stable")
+        ordered = encoded[order]
+        # Per file, the slice of the sorted keys inside its key range: two vectorised bisects.
+        low = np.searchsorted(ordered, snapshot.starts_encoded, side="left")
+        high = np.searchsorted(ordered, snapshot.ends_encoded, side="right")
+        holders: list[list[int]] = [[] for _ in keys]
+        for index in np.flatnonzero(high > low).tolist():
+            entry = snapshot.files[index]
+            if dataset_pattern is not None and not fnmatch.fnmatchcase(
+                entry.dataset, dataset_pattern
+            ):
+                continue
+            queries = order[low[index] : high[index]]
+            # Key columns only: answered from the key index, no payload is decoded.
+            found = self._reader(entry).get_many([keys[q] for q in queries.tolist()], EVENT_KEY)
+            for query in np.unique(queries[found.column(QUERY_INDEX).to_numpy()]).tolist():
+                holders[query].append(index)
+        return holders
+
+    def _read_many(
+        self,
+        entry: TagFile,
+        keys: Sequence[EventKey],
+        queries: list[int],
+        attributed: set[int],
+    ) -> list[tuple[int, _Record]]:
+        """One file's records for ``queries`` (the ``attributed`` ones with attributes),
+        as (query, record) pairs."""
+        columns = PICK_COLUMNS if attributed else REFERENCES
+        table = self._reader(entry).get_many([keys[q] for q in queries], columns)
+        answered = [queries[i] for i in table.column(QUERY_INDEX).to_pylist()]
+        references = table.column("references").to_pylist()
+        names = [c for c in columns if c not in EVENT_KEY and c != "references"]
+        values = [table.column(c).to_pylist() for c in names]
+        found: list[tuple[int, _Record]] = []
+        seen: set[int] = set()
+        for row, query in enumerate(answered):
+            if query in seen:  # a key held twice in one file: its first row, as get() answers
+                continue
+            seen.add(query)
+            attributes = (
+                {name: column[row] for name, column in zip(names, values, strict=True)}
+                if query in attributed
+                else None
+            )
+            found.append((query, _Record(entry, references[row], attributes)))
+        return found
+
+    # -- files and ranges ------------------------------------------------------
+    def events_in_file(self, guid: str) -> FileEvents | None:
+        """Every event of the file with this GUID, with its position in the file;
+        ``None`` if no committed file references the GUID.
+
+        The dataset that owns the file (the one upstream of every dataset that
+        references it) answers alone when it is indexed; otherwise every dataset
+        referencing the GUID contributes (a skim knows only the events it kept).
+        """
+        entries = [e for e in self.catalog.files_with_guid(guid) if e.kind is FileKind.MASTER]
+        if not entries:
+            return None
+        entries.sort(key=lambda e: (e.dataset, _key_of(e.key_min), e.file_id))
+        snapshot = self._snapshot(entries[0].collection)
+        names = sorted({e.dataset for e in entries})
+        roots = [
+            name
+            for name in names
+            if all(other == name or name in self._implied(snapshot, other) for other in names)
+        ]
+        matches: dict[str, _GuidMatches] = {}
+        scanned: set[str] = set()
+        if len(roots) == 1:
+            owner = self._dataset(snapshot, roots[0])
+            own = [e for e in entries if e.dataset == roots[0]]
+            self._scan_guid(own, guid, matches)
+            scanned.update(e.file_id for e in own)
+            if owner is None or set(matches) != {owner.format}:
+                matches.clear()  # the owner does not account for the file: ask everyone
+                scanned.clear()
+        if not matches:
+            self._scan_guid([e for e in entries if e.file_id not in scanned], guid, matches)
+        if not matches:
+            return None
+        fmt, found = max(matches.items(), key=lambda item: (len(item[1].events), item[0]))
+        dataset = self._dataset(snapshot, found.dataset)
+        owner = self._owner(snapshot, dataset, fmt) if dataset else None
+        return FileEvents(
+            guid=guid,
+            format=fmt,
+            dataset=owner.name if owner else "",
+            processing_tag=owner.processing_tag if owner else "",
+            events=sorted(found.events, key=lambda e: (e[2], e[0], e[1])),
+        )
+
+    def _scan_guid(
+        self, entries: Sequence[TagFile], guid: str, matches: dict[str, _GuidMatches]
+    ) -> None:
+        """Add the (run, event, position) of every reference to ``guid`` in ``entries``."""
+        columns = [*EVENT_KEY, "references"]
+        for entry in entries:
+            for piece in self._reader(entry).scan(columns=columns):
+                table = piece.combine_chunks()
+                references = table.column("references").chunk(0)
+                flat = pc.list_flatten(references)
+                hit = pc.equal(pc.struct_field(flat, "guid"), guid)
+                if not pc.any(hit).as_py():
+                    continue
+                rows = pc.filter(pc.list_parent_indices(references), hit)
+                runs = pc.take(table.column("run_number"), rows).to_pylist()
+                events = pc.take(table.column("event_number"), rows).to_pylist()
+                positions = pc.filter(pc.struct_field(flat, "position"), hit).to_pylist()
+                formats = pc.filter(pc.struct_field(flat, "format"), hit).to_pylist()
+                for fmt, run, event, position in zip(formats, runs, events, positions, strict=True):
+                    found = matches.get(fmt)
+                    if found is None:
+                        found = matches[fmt] = _GuidMatches(entry.dataset)
+                    found.events.add((run, event, position))
+
+    def select(
+        self,
+        collection: str,
+        *,
+        run_min: int,
+        run_max: int,
+        dataset_pattern: str | None = None,
+        columns: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Events of runs ``run_min..run_max`` as JSON-ready dicts, dataset by dataset in
+        key order, at most ``limit`` of them.
+
+        Every row has ``dataset``, the key columns and ``columns`` (default: all);
+        trigger masks come as lowercase hex strings, references as lists of dicts.
+        Arguments are checked before this returns (``ValueError``, ``NotFoundError``),
+        so a caller can refuse a bad request before it starts streaming.
+        """
+        low = _check_number("run_min", run_min, RUN_NUMBER_MAX)
+        high = _check_number("run_max", run_max, RUN_NUMBER_MAX)
+        if low > high:
+            raise ValueError(f"run_min {low} is above run_max {high}")
+        if limit is not None:
+            _check_number("limit", limit, 2**63 - 1)
+        wanted = select_columns(columns)
+        snapshot = self._snapshot(collection)
+        files = sorted(
+            (
+                f
+                for f in snapshot.files
+                if f.key_min[0] <= high
+                and f.key_max[0] >= low
+                and (dataset_pattern is None or fnmatch.fnmatchcase(f.dataset, dataset_pattern))
+            ),
+            key=lambda f: (f.dataset, _key_of(f.key_min), f.file_id),
+        )
+        return self._select(files, low, high, wanted, limit)
+
+    def _select(
+        self,
+        files: Sequence[TagFile],
+        low: int,
+        high: int,
+        columns: list[str],
+        limit: int | None,
+    ) -> Iterator[dict[str, Any]]:
+        remaining = limit
+        if remaining == 0:
+            return
+        for entry in files:
+            for piece in self._reader(entry).scan((low,), (high,), columns):
+                table = piece if remaining is None else piece.slice(0, remaining)
+                if remaining is not None:
+                    remaining -= table.num_rows
+                yield from json_rows(table, entry.dataset)
+                if remaining is not None and remaining <= 0:
+                    return
+
+    # -- lifecycle ---------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Counters for a metrics endpoint (the key cache is the process-wide one)."""
+        with self._lock:
+            figures = dict(self._counts)
+            figures["open_files"] = len(self._readers)
+            figures["retired_files_open"] = len(self._retired)
+        figures["collections_cached"] = len(self._snapshots)
+        figures["key_cache_hits"] = DEFAULT_KEY_CACHE.hits
+        figures["key_cache_misses"] = DEFAULT_KEY_CACHE.misses
+        figures["key_cache_entries"] = len(DEFAULT_KEY_CACHE)
+        figures["key_cache_bytes"] = DEFAULT_KEY_CACHE.nbytes
+        return figures
 
     def close(self) -> None:
+        """Close every open file; the Reader can be used again afterwards (it reopens)."""
         with self._lock:
-            for reader in self._readers.values():
-                reader.close()
+            readers = list(self._readers.values())
             self._readers.clear()
+        for reader in readers:
+            reader.close()
+        self._close_retired(force=True)
 
     def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    """Threads that decode the files of one pick side by side: one pool per process."""
+    global _pool  # noqa: PLW0603 - made on first use, shared by every Reader
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="reader")
+        return _pool
+
+
+@dataclass
+class _GuidMatches:
+    """Events referencing one GUID with one format, and a dataset they were seen in."""
+
+    dataset: str
+    events: set[tuple[int, int, int]] = field(default_factory=set)
+
+
+def select_columns(columns: Sequence[str] | None) -> list[str]:
+    """The key columns, then ``columns`` (default: every event column) without repeats;
+    ``ValueError`` naming unknown columns."""
+    if columns is None:
+        return list(EVENT_SCHEMA.names)
+    if isinstance(columns, str):
+        raise ValueError("columns must be a list of column names, not one string")
+    unknown = [c for c in columns if c not in EVENT_SCHEMA.names]
+    if unknown:
+        raise ValueError(f"unknown columns {unknown}; an event has {EVENT_SCHEMA.names}")
+    return list(dict.fromkeys([*EVENT_KEY, *columns]))
+
+
+def json_rows(table: pa.Table, dataset: str) -> Iterator[dict[str, Any]]:
+    """Rows of ``table`` as dicts that ``json.dumps`` takes: binary values as lowercase hex."""
+    names = table.column_names
+    values = []
+    for name in names:
+        column = table.column(name)
+        data = column.to_pylist()
+        if any(is_type(column.type) for is_type in _BINARY_TYPES):
+            data = [None if v is None else v.hex() for v in data]
+        values.append(data)
+    for row in zip(*values, strict=True):
+        yield {"dataset": dataset, **dict(zip(names, row, strict=True))}
