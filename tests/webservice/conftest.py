@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -105,8 +104,3 @@ def assert_problem(
         assert any(f == field and location in (None, loc) for f, loc in fields), (field, fields)
         assert field in problem["detail"], problem["detail"]
     return problem
-
-
-@pytest.fixture(scope="session")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cwd")
