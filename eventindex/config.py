@@ -44,7 +44,7 @@ class CatalogSettings(Section):
 
 
 class MapFileSettings(Section):
-    row_group_rows: int = Field(32768, ge=1024, le=4_194_304)
+    row_group_rows: int = Field(16384, ge=1024, le=4_194_304)
     compression: Literal["zstd", "lz4", "snappy", "gzip", "none"] = "zstd"
     compression_level: int | None = 3
 
