@@ -52,8 +52,8 @@ A message is one JSON object::
   bits; bit ``i`` is bit ``i % 8`` of byte ``i // 8``), and one of ``"b64"``:
   base64 of the ``count`` masks concatenated; ``"k"``: base64 of the one mask of
   every row; ``"u"`` and ``"i"``: base64 of a table of distinct masks, and per
-  row its index in that table (an integer array as above); ``"z": "zstd"``: the
-  masks are in the compressed block.
+  row its index in that table (an integer array as above, not packed);
+  ``"z": "zstd"``: the masks are in the compressed block.
 * ``references``: ``n`` is the number of references of each event (one integer
   when every event has the same number, else an array of ``count`` integers);
   ``g`` is the table of distinct file GUIDs of this message (canonical
@@ -76,13 +76,15 @@ naming the field, the 0-based row and the reason; it never drops rows. Each JSON
 array is checked in bulk, by one C-level conversion (``array.fromlist``) that
 checks JSON type and range together, and running sums of deltas by the same
 conversion of ``itertools.accumulate`` (exact: Python integers do not
-overflow); only an array known to be bad is scanned row by row, to name its
-first bad row. The compressed block must decompress to exactly the bytes its
-arrays need. What a message may expand to is bounded before anything is
-allocated: ``count`` by its size in bytes, masks, references and the block each
-by ``MAX_EXPANSION`` times ``max_bytes``. The record batch is then assembled from
-the decoded buffers with a single Arrow IPC read rather than twenty-odd array
-constructors, which for a 10 kB message would cost more than parsing its JSON.
+overflow; long arrays of int32 deltas go through numpy's int64 ``cumsum``,
+which cannot overflow either, and a range check); only an array known to be
+bad is scanned row by row, to name its first bad row. The compressed block
+must decompress to exactly the bytes its arrays need. What a message may expand
+to is bounded before anything is allocated: ``count`` by its size in bytes,
+masks, references and the block each by ``MAX_EXPANSION`` times ``max_bytes``.
+The record batch is then assembled from the decoded buffers with a single Arrow
+IPC read rather than twenty-odd array constructors, which for a 10 kB message
+would cost more than parsing its JSON.
 """
 
 from __future__ import annotations
@@ -856,11 +858,10 @@ class _Packed:
     which is the order the block holds them in: one decompression serves all.
     """
 
-    __slots__ = ("requests", "size")
+    __slots__ = ("requests",)
 
     def __init__(self) -> None:
         self.requests: list[tuple[Any, Any, int]] = []
-        self.size = 0
 
     def add(self, target: Any, key: Any, size: int) -> None:
         """Put ``size`` bytes of the block in ``target[key]`` on unpack()."""
@@ -874,7 +875,7 @@ class _Packed:
             return
         if text is None:
             raise MessageError("missing: the compressed block", field="z")
-        self.size = total = sum([size for _, _, size in requests])
+        total = sum([size for _, _, size in requests])
         if total > limit:
             raise MessageError(
                 f"the compressed block would decode to {total} bytes, over the limit of {limit}",
@@ -889,11 +890,6 @@ class _Packed:
 
 def _marker_error(place: _Place, marker: object) -> MessageError:
     return place.error(f'compressed: expected "zstd", got {_describe(marker)}')
-
-
-def _packed(spec: object) -> bool:
-    """Is ``spec`` the ``{"z": ...}`` of an array kept in the compressed block?"""
-    return type(spec) is dict and len(spec) == 1 and "z" in spec
 
 
 # --------------------------------------------------------------------------- references
