@@ -66,6 +66,12 @@ import orjson
 
 from catalog.base import Catalog
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile
+from catalog.rules import (
+    check_batch_supersedes,
+    check_tagfile,
+    in_first_key_range,
+    listing_order,
+)
 from eventindex.config import HBaseSettings
 from eventindex.errors import AlreadyExistsError, CatalogError, MissingExtraError, NotFoundError
 from eventindex.records.schema import RecordKind, TriggerMenu
@@ -187,42 +193,9 @@ def _qualifiers(cells: Mapping[bytes, bytes], family: bytes) -> list[str]:
 
 
 def _check_tagfile(tagfile: TagFile) -> None:
-    """Reject entries whose key range cannot be indexed or compared."""
-    if bool(tagfile.key_min) != bool(tagfile.key_max):
-        raise CatalogError(
-            f"TagFile {tagfile.file_id}: key_min and key_max must both be set or both be empty"
-        )
-    if tagfile.key_min > tagfile.key_max:
-        raise CatalogError(
-            f"TagFile {tagfile.file_id}: key_min {tagfile.key_min} > key_max {tagfile.key_max}"
-        )
-    if tagfile.file_id in tagfile.supersedes:
-        raise CatalogError(f"TagFile {tagfile.file_id} cannot supersede itself")
-    for value in (*tagfile.key_min, *tagfile.key_max):
-        if not -_K0_OFFSET <= value < _K0_LIMIT:
-            raise CatalogError(f"TagFile {tagfile.file_id}: key value {value} exceeds 64 bits")
+    """The shared rules, plus: the row keys must be buildable."""
+    check_tagfile(tagfile)
     _key(tagfile.dataset, tagfile.file_id, tagfile.collection)
-
-
-def _check_batch_supersedes(tagfiles: Sequence[TagFile], known: set[str]) -> None:
-    """Committed entries of a batch may supersede files already registered or earlier in it."""
-    seen = set(known)
-    for tagfile in tagfiles:
-        if tagfile.state is FileState.COMMITTED:
-            missing = sorted(set(tagfile.supersedes) - seen)
-            if missing:
-                raise NotFoundError(
-                    f"TagFile {tagfile.file_id} supersedes unknown files: {', '.join(missing)}"
-                )
-        seen.add(tagfile.file_id)
-
-
-def _in_range(tagfile: TagFile, lo: int, hi: int) -> bool:
-    return bool(tagfile.key_min) and tagfile.key_min[0] <= hi and tagfile.key_max[0] >= lo
-
-
-def _sort_key(tagfile: TagFile) -> tuple[str, tuple[int, ...], str]:
-    return (tagfile.dataset, tagfile.key_min, tagfile.file_id)
 
 
 class HBaseCatalog(Catalog):
@@ -525,9 +498,9 @@ class HBaseCatalog(Catalog):
                 and (collection is None or t.collection == collection)
                 and (kind_set is None or t.kind in kind_set)
                 and (state_set is None or t.state in state_set)
-                and (first_key_range is None or _in_range(t, *first_key_range))
+                and (first_key_range is None or in_first_key_range(t, *first_key_range))
             ]
-        return sorted(found, key=_sort_key)
+        return sorted(found, key=listing_order)
 
     def _candidates(
         self, dataset: str | None, collection: str | None, first_key_range: tuple[int, int] | None
@@ -585,7 +558,7 @@ class HBaseCatalog(Catalog):
             owners = _qualifiers(self._get("guids", guid.encode()), b"f")
             stored = list(self._stored(owners).values())
             found = [t for t in self._effective(stored) if t.state is FileState.COMMITTED]
-        return sorted(found, key=_sort_key)
+        return sorted(found, key=listing_order)
 
     def absorbed_message_ids(self, message_ids: Iterable[str]) -> set[str]:
         ids = list(dict.fromkeys(message_ids))
@@ -621,7 +594,7 @@ class HBaseCatalog(Catalog):
             if taken:
                 raise AlreadyExistsError(f"file ids already registered: {', '.join(sorted(taken))}")
             superseded = {s for t in tagfiles for s in t.supersedes}
-            _check_batch_supersedes(tagfiles, set(self._stored(superseded)))
+            check_batch_supersedes(tagfiles, set(self._stored(superseded)))
             plain = [t for t in tagfiles if t.state is not FileState.COMMITTED]
             self._write_index(plain)
             self._put_many("tagfiles", ((_tagfile_key(t), _tagfile_cells(t)) for t in plain))

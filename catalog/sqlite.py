@@ -36,6 +36,12 @@ import orjson
 
 from catalog.base import Catalog
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile
+from catalog.rules import (
+    check_batch_supersedes,
+    check_tagfile,
+    in_first_key_range,
+    listing_order,
+)
 from eventindex.errors import AlreadyExistsError, CatalogError, NotFoundError
 from eventindex.records.schema import RecordKind, TriggerMenu
 
@@ -168,44 +174,6 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
 
 def _marks(items: Sequence[object]) -> str:
     return ", ".join("?" * len(items))
-
-
-def _check_tagfile(tagfile: TagFile) -> None:
-    """Reject entries whose key range cannot be indexed or compared."""
-    if bool(tagfile.key_min) != bool(tagfile.key_max):
-        raise CatalogError(
-            f"TagFile {tagfile.file_id}: key_min and key_max must both be set or both be empty"
-        )
-    if tagfile.key_min > tagfile.key_max:
-        raise CatalogError(
-            f"TagFile {tagfile.file_id}: key_min {tagfile.key_min} > key_max {tagfile.key_max}"
-        )
-    if tagfile.file_id in tagfile.supersedes:
-        raise CatalogError(f"TagFile {tagfile.file_id} cannot supersede itself")
-    for value in (*tagfile.key_min, *tagfile.key_max):
-        if not _INT64_MIN <= value < 2**64:
-            raise CatalogError(f"TagFile {tagfile.file_id}: key value {value} exceeds 64 bits")
-
-
-def _check_batch_supersedes(tagfiles: Sequence[TagFile], known: set[str]) -> None:
-    """Committed entries of a batch may supersede files already registered or earlier in it."""
-    seen = set(known)
-    for tagfile in tagfiles:
-        if tagfile.state is FileState.COMMITTED:
-            missing = sorted(set(tagfile.supersedes) - seen)
-            if missing:
-                raise NotFoundError(
-                    f"TagFile {tagfile.file_id} supersedes unknown files: {', '.join(missing)}"
-                )
-        seen.add(tagfile.file_id)
-
-
-def _in_range(tagfile: TagFile, lo: int, hi: int) -> bool:
-    return bool(tagfile.key_min) and tagfile.key_min[0] <= hi and tagfile.key_max[0] >= lo
-
-
-def _sort_key(tagfile: TagFile) -> tuple[str, tuple[int, ...], str]:
-    return (tagfile.dataset, tagfile.key_min, tagfile.file_id)
 
 
 @contextmanager
@@ -422,14 +390,14 @@ class SQLiteCatalog(Catalog):
             twice = sorted({i for i in ids if ids.count(i) > 1})
             raise AlreadyExistsError(f"file ids given twice in one batch: {', '.join(twice)}")
         for tagfile in tagfiles:
-            _check_tagfile(tagfile)
+            check_tagfile(tagfile)
         with self._write() as conn:
             self._require_datasets(conn, tagfiles)
             taken = self._existing_ids(conn, ids)
             if taken:
                 raise AlreadyExistsError(f"file ids already registered: {', '.join(sorted(taken))}")
             superseded = sorted({s for t in tagfiles for s in t.supersedes})
-            _check_batch_supersedes(tagfiles, self._existing_ids(conn, superseded))
+            check_batch_supersedes(tagfiles, self._existing_ids(conn, superseded))
             conn.executemany(
                 f"INSERT INTO tagfiles ({_TAGFILE_COLUMNS}) VALUES ({_TAGFILE_PLACEHOLDERS})",
                 [_tagfile_params(t) for t in tagfiles],
@@ -451,7 +419,7 @@ class SQLiteCatalog(Catalog):
         return found
 
     def commit_tagfile(self, tagfile: TagFile) -> TagFile:
-        _check_tagfile(tagfile)
+        check_tagfile(tagfile)
         with self._write() as conn:
             self._require_datasets(conn, [tagfile])
             # Only what the checks need: this runs once per file a consumer writes.
@@ -603,8 +571,8 @@ class SQLiteCatalog(Catalog):
             self._require_names_in(conn, dataset, collection)
             found = [_tagfile(row) for row in conn.execute(sql, params)]
         if first_key_range is not None:
-            found = [t for t in found if _in_range(t, *first_key_range)]
-        return sorted(found, key=_sort_key)
+            found = [t for t in found if in_first_key_range(t, *first_key_range)]
+        return sorted(found, key=listing_order)
 
     def _require_names(self, dataset: str | None, collection: str | None) -> list[TagFile]:
         with self._read() as conn:
@@ -627,7 +595,7 @@ class SQLiteCatalog(Catalog):
                 " WHERE effective_state = 'committed'",
                 (guid,),
             ).fetchall()
-        return sorted((_tagfile(row) for row in rows), key=_sort_key)
+        return sorted((_tagfile(row) for row in rows), key=listing_order)
 
     def absorbed_message_ids(self, message_ids: Iterable[str]) -> set[str]:
         ids = list(dict.fromkeys(message_ids))

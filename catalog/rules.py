@@ -1,0 +1,51 @@
+"""Rules every catalog backend enforces the same way, so the contract suite sees one behaviour."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from catalog.model import FileState, TagFile
+from eventindex.errors import CatalogError, NotFoundError
+
+KEY_VALUE_MIN = -(2**63)
+KEY_VALUE_LIMIT = 2**64  # key components are int64 or uint64
+
+
+def check_tagfile(tagfile: TagFile) -> None:
+    """Reject entries whose key range cannot be indexed or compared."""
+    if bool(tagfile.key_min) != bool(tagfile.key_max):
+        raise CatalogError(
+            f"TagFile {tagfile.file_id}: key_min and key_max must both be set or both be empty"
+        )
+    if tagfile.key_min > tagfile.key_max:
+        raise CatalogError(
+            f"TagFile {tagfile.file_id}: key_min {tagfile.key_min} > key_max {tagfile.key_max}"
+        )
+    if tagfile.file_id in tagfile.supersedes:
+        raise CatalogError(f"TagFile {tagfile.file_id} cannot supersede itself")
+    for value in (*tagfile.key_min, *tagfile.key_max):
+        if not KEY_VALUE_MIN <= value < KEY_VALUE_LIMIT:
+            raise CatalogError(f"TagFile {tagfile.file_id}: key value {value} exceeds 64 bits")
+
+
+def check_batch_supersedes(tagfiles: Sequence[TagFile], known: set[str]) -> None:
+    """Committed entries of a batch may supersede files already registered or earlier in it."""
+    seen = set(known)
+    for tagfile in tagfiles:
+        if tagfile.state is FileState.COMMITTED:
+            missing = sorted(set(tagfile.supersedes) - seen)
+            if missing:
+                raise NotFoundError(
+                    f"TagFile {tagfile.file_id} supersedes unknown files: {', '.join(missing)}"
+                )
+        seen.add(tagfile.file_id)
+
+
+def in_first_key_range(tagfile: TagFile, lo: int, hi: int) -> bool:
+    """Whether the file's first-key-component range intersects ``[lo, hi]``."""
+    return bool(tagfile.key_min) and tagfile.key_min[0] <= hi and tagfile.key_max[0] >= lo
+
+
+def listing_order(tagfile: TagFile) -> tuple[str, tuple[int, ...], str]:
+    """The order ``list_tagfiles`` returns: dataset, first key, file id."""
+    return (tagfile.dataset, tagfile.key_min, tagfile.file_id)
