@@ -67,6 +67,7 @@ import orjson
 from catalog.base import Catalog
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile
 from catalog.rules import (
+    check_batch,
     check_batch_supersedes,
     check_tagfile,
     in_first_key_range,
@@ -192,10 +193,15 @@ def _qualifiers(cells: Mapping[bytes, bytes], family: bytes) -> list[str]:
     return [column[len(prefix) :].decode() for column in cells if column.startswith(prefix)]
 
 
+def _check_row_keys(tagfile: TagFile) -> None:
+    """The entry's names must make valid row keys (no NUL bytes)."""
+    _key(tagfile.dataset, tagfile.file_id, tagfile.collection)
+
+
 def _check_tagfile(tagfile: TagFile) -> None:
     """The shared rules, plus: the row keys must be buildable."""
     check_tagfile(tagfile)
-    _key(tagfile.dataset, tagfile.file_id, tagfile.collection)
+    _check_row_keys(tagfile)
 
 
 class HBaseCatalog(Catalog):
@@ -582,12 +588,9 @@ class HBaseCatalog(Catalog):
         earlier in the same batch.
         """
         tagfiles = list(tagfiles)
-        ids = [t.file_id for t in tagfiles]
-        if len(set(ids)) != len(ids):
-            twice = sorted({i for i in ids if ids.count(i) > 1})
-            raise AlreadyExistsError(f"file ids given twice in one batch: {', '.join(twice)}")
+        ids = check_batch(tagfiles)
         for tagfile in tagfiles:
-            _check_tagfile(tagfile)
+            _check_row_keys(tagfile)
         with self._op():
             self._require_datasets(tagfiles)
             taken = self._stored(ids)

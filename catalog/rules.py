@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from catalog.model import FileState, TagFile
-from eventindex.errors import CatalogError, NotFoundError
+from eventindex.errors import AlreadyExistsError, CatalogError, NotFoundError
 
 KEY_VALUE_MIN = -(2**63)
 KEY_VALUE_LIMIT = 2**64  # key components are int64 or uint64
@@ -49,3 +49,14 @@ def in_first_key_range(tagfile: TagFile, lo: int, hi: int) -> bool:
 def listing_order(tagfile: TagFile) -> tuple[str, tuple[int, ...], str]:
     """The order ``list_tagfiles`` returns: dataset, first key, file id."""
     return (tagfile.dataset, tagfile.key_min, tagfile.file_id)
+
+
+def check_batch(tagfiles: Sequence[TagFile]) -> list[str]:
+    """Check every entry of a batch and that no file id appears twice; returns the ids."""
+    ids = [t.file_id for t in tagfiles]
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise AlreadyExistsError(f"file ids given twice in one batch: {', '.join(twice)}")
+    for tagfile in tagfiles:
+        check_tagfile(tagfile)
+    return ids

@@ -37,6 +37,7 @@ import orjson
 from catalog.base import Catalog
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile
 from catalog.rules import (
+    check_batch,
     check_batch_supersedes,
     check_tagfile,
     in_first_key_range,
@@ -385,12 +386,7 @@ class SQLiteCatalog(Catalog):
         earlier in the same batch.
         """
         tagfiles = list(tagfiles)
-        ids = [t.file_id for t in tagfiles]
-        if len(set(ids)) != len(ids):
-            twice = sorted({i for i in ids if ids.count(i) > 1})
-            raise AlreadyExistsError(f"file ids given twice in one batch: {', '.join(twice)}")
-        for tagfile in tagfiles:
-            check_tagfile(tagfile)
+        ids = check_batch(tagfiles)
         with self._write() as conn:
             self._require_datasets(conn, tagfiles)
             taken = self._existing_ids(conn, ids)
