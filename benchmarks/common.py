@@ -53,3 +53,33 @@ def emit(result: dict[str, Any]) -> None:
     result.setdefault("machine", machine_info())
     json.dump(result, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+BENCH_ROOT = "var/bench"
+
+
+def event_store_paths(events: int) -> tuple[str, str]:
+    """Store root and SQLite catalog of the shared generated benchmark store of ``events``."""
+    base = f"{BENCH_ROOT}/events-{events}"
+    return f"{base}/store", f"{base}/catalog.sqlite"
+
+
+def ensure_event_store(events: int = 100_000_000, runs: int = 50) -> tuple[str, str]:
+    """Build (or resume, or reuse) the generated event store shared by the benchmarks.
+
+    ``events`` distinct events over ``runs`` runs, each in RAW, two AOD processings and a
+    DAOD skim (several datasets per run). Generation is deterministic and resumable, so
+    every benchmark that asks for the same size reads the same files.
+    """
+    from catalog.fileset import FilesetWriter
+    from catalog.sqlite import SQLiteCatalog
+    from eventindex.creator import create_generated
+    from eventindex.generator import GeneratorSpec
+    from eventindex.storage import WriteOptions
+
+    root, catalog_path = event_store_paths(events)
+    os.makedirs(os.path.dirname(catalog_path), exist_ok=True)
+    spec = GeneratorSpec(runs=runs, events_per_run=max(1, events // runs), exact=True, seed=0)
+    with SQLiteCatalog(catalog_path) as catalog:
+        create_generated(spec, catalog, FilesetWriter(catalog, root, WriteOptions()))
+    return root, catalog_path
