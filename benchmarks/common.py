@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,7 +79,7 @@ def ensure_event_store(events: int = 100_000_000, runs: int = 50) -> tuple[str, 
     from eventindex.storage import WriteOptions
 
     root, catalog_path = event_store_paths(events)
-    os.makedirs(os.path.dirname(catalog_path), exist_ok=True)
+    Path(catalog_path).parent.mkdir(parents=True, exist_ok=True)
     spec = GeneratorSpec(runs=runs, events_per_run=max(1, events // runs), exact=True, seed=0)
     with SQLiteCatalog(catalog_path) as catalog:
         create_generated(spec, catalog, FilesetWriter(catalog, root, WriteOptions()))
