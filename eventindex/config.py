@@ -55,13 +55,84 @@ class CodecSettings(Section):
 
 
 class BrokerSettings(Section):
+    """Where producers and consumers connect, and how ``eventindex broker start`` runs ActiveMQ."""
+
     url: str = "memory://"
+    user: str = ""
+    password: str = ""
+    heartbeat_ms: int = Field(10_000, ge=0, description="STOMP heart-beat period; 0 is off.")
+    receipt_timeout_s: float = Field(30.0, gt=0, description="Wait for a send's RECEIPT.")
+    reconnect_attempts: int = Field(60, ge=1, description="Connection tries per broker.")
+    reconnect_delay_s: float = Field(0.5, gt=0, description="First wait between tries.")
+    reconnect_delay_max_s: float = Field(5.0, gt=0, description="Longest wait between tries.")
+    ssl_key_file: str = ""
+    ssl_cert_file: str = ""
+    ssl_ca_file: str = ""
+    max_redeliveries: int = Field(5, ge=0, description="Nacks redelivered before the DLQ.")
+    redelivery_delay_ms: int = Field(
+        2000, ge=1000, description="First wait before a nacked message comes back (ActiveMQ: >= 1 s)."
+    )
+    # The broker `eventindex broker start` runs.
+    activemq_home: str = "/usr/share/activemq"
+    data_dir: str = "var/activemq"
+    listen_host: str = "127.0.0.1"
+    stomp_port: int = Field(61613, ge=1, le=65535)
+    stomp_ssl_port: int = Field(61614, ge=1, le=65535)
+    openwire_port: int = Field(61616, ge=1, le=65535)
+    heap_mb: int = Field(1024, ge=128)
+    memory_limit_mb: int = Field(256, ge=16, description="Broker memory for pending messages.")
+    store_limit_mb: int = Field(16_384, ge=64, description="KahaDB disk limit.")
+    temp_limit_mb: int = Field(4096, ge=64)
+    journal_sync: Literal["always", "periodic", "never"] = Field(
+        "always", description="KahaDB journal sync: before each confirmation, or each second."
+    )
+    start_timeout_s: float = Field(90.0, gt=0)
+
+
+class ProducerSettings(Section):
+    chunk_rows: int = Field(65_536, ge=1024, description="Rows per record chunk in a .ei file.")
+    transaction_messages: int = Field(
+        1000, ge=1, description="Messages sent in one broker transaction (confirmed together)."
+    )
+    wait_seconds: float = Field(300.0, gt=0, description="Longest wait for stored confirmations.")
+
+
+class ConsumerSettings(Section):
+    workers: int = Field(1, ge=1, le=64)
+    prefetch: int = Field(
+        4000, ge=1, description="Unacknowledged messages a worker holds; a flush comes first."
+    )
+    flush_rows: int = Field(500_000, ge=1, description="Flush once this many events are pending.")
+    flush_bytes: int = Field(
+        128 * 2**20, ge=1, description="Flush once this many message bytes are pending."
+    )
+    flush_seconds: float = Field(5.0, gt=0, description="Flush pending events at least this often.")
 
 
 class WebServiceSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     tokens: list[str] = []
+    # Request limits: crossing one is a 4xx problem naming the field and the limit.
+    max_body_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest request body; larger ones get 413 unparsed."
+    )
+    max_lookup_events: int = Field(
+        100_000, ge=1, description="Most (run, event) pairs in one POST /events/lookup (413)."
+    )
+    max_select_rows: int = Field(
+        0, ge=0, description="Cap on the rows one POST /events/select streams; 0: no cap."
+    )
+    select_chunk_bytes: int = Field(
+        64 * 1024, ge=1, description="NDJSON bytes gathered before each streamed chunk."
+    )
+    reader_max_open_files: int = Field(1024, ge=1, description="Map-file readers kept open.")
+    reader_key_cache_bytes: int = Field(
+        2**30, ge=0, description="Budget of the in-memory cache of row-group keys (bytes)."
+    )
+    reader_refresh_seconds: float = Field(
+        1.0, ge=0, description="How stale the Reader's view of the catalog may be."
+    )
 
 
 class SparkSettings(Section):
@@ -70,14 +141,38 @@ class SparkSettings(Section):
     conf: dict[str, str] = {"spark.sql.shuffle.partitions": "8"}
 
 
+class QuerySettings(Section):
+    registry: str = Field("var/queries.sqlite", description="SQLite file of the query registry.")
+    results_dir: str = Field("var/query-results", description="Where results are written.")
+    result_expiry_seconds: float = Field(86400.0, gt=0)
+    max_result_rows: int = Field(1_000_000, ge=1)
+    max_queries_per_walk: int = Field(64, ge=1)
+    direct_max_units: int = Field(4, ge=0, description="Fewer units: no scan, answer at once.")
+    poll_seconds: float = Field(0.5, gt=0)
+    lease_seconds: float = Field(120.0, gt=0)
+
+
+class SpatialSettings(Section):
+    """The Qserv grid new object catalogs are partitioned with (Qserv's defaults)."""
+
+    num_stripes: int = Field(85, ge=1, le=2048, description="Declination stripes (S).")
+    num_sub_stripes: int = Field(12, ge=1, le=256, description="Sub-stripes per stripe (s).")
+    overlap_arcsec: float = Field(60.0, ge=0.0, le=36000.0, description="Overlap radius (R).")
+    row_group_rows: int = Field(4096, ge=256, le=1_048_576, description="Rows per row group.")
+
+
 class Settings(Section):
     store: StoreSettings = StoreSettings()
     catalog: CatalogSettings = CatalogSettings()
     mapfile: MapFileSettings = MapFileSettings()
     codec: CodecSettings = CodecSettings()
     broker: BrokerSettings = BrokerSettings()
+    producer: ProducerSettings = ProducerSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
     webservice: WebServiceSettings = WebServiceSettings()
     spark: SparkSettings = SparkSettings()
+    queries: QuerySettings = QuerySettings()
+    spatial: SpatialSettings = SpatialSettings()
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

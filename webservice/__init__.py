@@ -20,5 +20,5 @@ Decisions: every error is RFC 9457 ``application/problem+json`` whose ``type`` i
 whose ``errors`` lists each bad field (``field``, ``location``, ``detail``,
 ``code``). Malformed JSON is 400, invalid values 422, a body over the limit or a
 lookup over its list limit 413, a body that is not JSON 415, an unknown
-collection 404. Limits live in ``webservice.options.ServiceOptions``.
+collection 404. Limits are ``[webservice]`` settings (``eventindex.config.WebServiceSettings``).
 """

@@ -23,9 +23,17 @@ from eventindex.config import Settings, load_config
 from eventindex.query import Reader
 from webservice.metrics import HttpMetrics
 from webservice.middleware import AccessLogMiddleware, BodyLimitMiddleware
-from webservice.options import ServiceOptions
 from webservice.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
-from webservice.routes import admin, datasets, events, files, health
+from webservice.routes import (
+    admin,
+    datasets,
+    events,
+    files,
+    health,
+    objects,
+    queries,
+    triggers,
+)
 from webservice.service import Service
 
 DESCRIPTION = """\
@@ -66,12 +74,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def create_app(
-    settings: Settings, *, catalog: Catalog | None = None, options: ServiceOptions | None = None
-) -> FastAPI:
+def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI:
     """The web service over ``settings``: its catalog (or ``catalog``, which the caller
-    keeps and closes), one Reader, and ``options`` (limits; defaults when omitted)."""
-    options = options or ServiceOptions()
+    keeps and closes), one Reader, and the limits of the ``[webservice]`` section."""
+    options = settings.webservice
     metrics = HttpMetrics()
 
     @asynccontextmanager
@@ -82,9 +88,10 @@ def create_app(
                 opened,
                 max_open_files=options.reader_max_open_files,
                 refresh_seconds=options.reader_refresh_seconds,
+                key_cache_bytes=options.reader_key_cache_bytes,
             )
             try:
-                app.state.service = Service(settings, options, opened, reader, metrics)
+                app.state.service = Service(settings, opened, reader, metrics)
                 yield
             finally:
                 reader.close()
@@ -104,12 +111,14 @@ def create_app(
             {"name": "events", "description": "Find events by run and event number."},
             {"name": "files", "description": "Events by file GUID."},
             {"name": "datasets", "description": "What the catalog holds."},
+            {"name": "triggers", "description": "Trigger counts and overlaps."},
+            {"name": "objects", "description": "Sky catalogs: objects by id, cone search."},
             {"name": "admin", "description": "Operations that need a bearer token."},
             {"name": "service", "description": "Health and metrics."},
         ],
     )
     install_problem_handlers(app)
-    for module in (events, files, datasets, admin, health):
+    for module in (events, files, datasets, triggers, queries, objects, admin, health):
         app.include_router(module.router)
     # Added last is outermost: the access log sees the 413s the body limit sends.
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)

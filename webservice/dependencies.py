@@ -11,8 +11,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from catalog.base import Catalog
+from eventindex.config import WebServiceSettings
 from eventindex.query import Reader
-from webservice.options import ServiceOptions
 from webservice.problems import ProblemError
 from webservice.service import EventCollections, Service
 
@@ -33,7 +33,7 @@ async def _catalog(service: ServiceDep) -> Catalog:
     return service.catalog
 
 
-async def _options(service: ServiceDep) -> ServiceOptions:
+async def _options(service: ServiceDep) -> WebServiceSettings:
     return service.options
 
 
@@ -43,7 +43,7 @@ async def _collections(service: ServiceDep) -> EventCollections:
 
 ReaderDep = Annotated[Reader, Depends(_reader)]
 CatalogDep = Annotated[Catalog, Depends(_catalog)]
-OptionsDep = Annotated[ServiceOptions, Depends(_options)]
+OptionsDep = Annotated[WebServiceSettings, Depends(_options)]
 CollectionsDep = Annotated[EventCollections, Depends(_collections)]
 
 

@@ -1,37 +1,22 @@
-"""Limits and tuning of the HTTP service that are not (yet) part of ``config.Settings``.
+"""Limits of the HTTP service.
 
-They have safe defaults; ``create_app(..., options=ServiceOptions(...))`` overrides
-them (the tests use small limits). Candidates for ``[webservice]`` in the config.
+Every limit and tuning knob is a ``[webservice]`` setting
+(``eventindex.config.WebServiceSettings``: ``max_body_bytes``,
+``max_lookup_events``, ``max_select_rows``, ``select_chunk_bytes``,
+``reader_max_open_files``, ``reader_refresh_seconds``, ``reader_key_cache_bytes``),
+so operators set them in one place: ``conf/eventindex.toml``, ``$EVENTINDEX_CONFIG``
+or ``EVENTINDEX_WEBSERVICE__<KEY>`` variables. What stays here are the bounds that
+follow from the data model, not from operations.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from eventindex.config import WebServiceSettings
 
 MAX_RUN_NUMBER = 2**32 - 1
 MAX_EVENT_NUMBER = 2**64 - 1
 
+# The routes' view of the limits is the settings section itself.
+ServiceOptions = WebServiceSettings
 
-class ServiceOptions(BaseModel):
-    """Request limits and Reader tuning of one web service process."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_body_bytes: int = Field(
-        8 * 2**20,
-        ge=1024,
-        description="Largest request body; larger ones get 413 before any parsing.",
-    )
-    max_lookup_events: int = Field(
-        100_000, ge=1, description="Most (run, event) pairs in one POST /events/lookup."
-    )
-    max_select_rows: int | None = Field(
-        None, ge=1, description="Cap on the rows one POST /events/select streams (None: no cap)."
-    )
-    reader_max_open_files: int = Field(1024, ge=1, description="Map-file readers kept open.")
-    reader_refresh_seconds: float = Field(
-        1.0, ge=0, description="How stale the Reader's view of the catalog may be."
-    )
-    select_chunk_bytes: int = Field(
-        64 * 1024, ge=1, description="NDJSON bytes gathered before each streamed chunk."
-    )
+__all__ = ["MAX_EVENT_NUMBER", "MAX_RUN_NUMBER", "ServiceOptions"]

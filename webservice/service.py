@@ -1,4 +1,4 @@
-"""What a running service holds: settings, options, the catalog, one Reader, metrics."""
+"""What a running service holds: settings (limits among them), the catalog, one Reader, metrics."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import time
 from dataclasses import dataclass, field
 
 from catalog.base import Catalog
-from eventindex.config import Settings
+from eventindex.config import Settings, WebServiceSettings
 from eventindex.errors import NotFoundError
 from eventindex.query import Reader
 from eventindex.records.schema import RecordKind
 from webservice.metrics import HttpMetrics
-from webservice.options import ServiceOptions
 from webservice.problems import Location, ProblemError
 
 
@@ -103,11 +102,15 @@ class Service:
     """The state every request shares, built by the app's lifespan."""
 
     settings: Settings
-    options: ServiceOptions
     catalog: Catalog
     reader: Reader
     metrics: HttpMetrics
     collections: EventCollections = field(init=False)
+
+    @property
+    def options(self) -> WebServiceSettings:
+        """The ``[webservice]`` settings: request limits and Reader tuning."""
+        return self.settings.webservice
 
     def __post_init__(self) -> None:
         self.collections = EventCollections(

@@ -11,13 +11,21 @@ from rich.text import Text
 from eventindex import __version__
 from eventindex.cli import (
     bench_cmd,
+    broker_cmd,
     catalog_cmd,
     config_cmd,
+    consume_cmd,
     demo_cmd,
     generate_cmd,
     lookup_cmd,
+    objects_cmd,
     pick_cmd,
+    produce_cmd,
+    query_cmd,
+    scan_cmd,
     serve_cmd,
+    spark_cmd,
+    triggers_cmd,
 )
 from eventindex.cli.context import EXIT_ERROR, EXIT_INTERRUPTED, CliState, stderr
 from eventindex.config import parse_value
@@ -31,9 +39,17 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(catalog_cmd.app, name="catalog")
+app.add_typer(broker_cmd.app, name="broker")
 for module in (generate_cmd, pick_cmd, lookup_cmd, bench_cmd, demo_cmd, serve_cmd):
     module.register(app)
 app.add_typer(config_cmd.app, name="config")
+produce_cmd.register(app)
+consume_cmd.register(app)
+app.add_typer(spark_cmd.app, name="spark")
+app.add_typer(triggers_cmd.app, name="triggers")
+app.add_typer(query_cmd.app, name="query")
+app.add_typer(objects_cmd.app, name="objects")
+scan_cmd.register(app)
 
 
 def _parse_set(values: list[str]) -> dict[str, Any]:

@@ -219,6 +219,9 @@ class Reader:
     """Picks events by ``(run_number, event_number)`` across the datasets of a collection.
 
     Thread-safe; one Reader serves a whole process (the web service shares one).
+    ``key_cache_bytes`` sets the budget of the process-wide cache of row-group keys:
+    a pick checks one row group's keys in each file that may hold the event, so a
+    warm server needs room for the row groups its picks touch (12 bytes an event row).
     The file list of a collection is refreshed from the catalog when it is older
     than ``refresh_seconds`` (``refresh()`` forces it), so data committed later
     becomes visible without a restart; readers of files that were retired are
@@ -229,10 +232,18 @@ class Reader:
     parallel_reads: bool = True
 
     def __init__(
-        self, catalog: Catalog, *, max_open_files: int = 1024, refresh_seconds: float = 1.0
+        self,
+        catalog: Catalog,
+        *,
+        max_open_files: int = 1024,
+        refresh_seconds: float = 1.0,
+        key_cache_bytes: int | None = None,
     ) -> None:
         if max_open_files < 1:
             raise ValueError(f"max_open_files must be positive, not {max_open_files}")
+        if key_cache_bytes is not None:
+            # The key cache is process-wide: the budget of the last Reader made wins.
+            DEFAULT_KEY_CACHE.resize(key_cache_bytes)
         self.catalog = catalog
         self.max_open_files = max_open_files
         self.refresh_seconds = refresh_seconds
@@ -538,15 +549,28 @@ class Reader:
         wanted_formats = set(formats) if formats else None
         snapshot = self._snapshot(collection)
         self._count("picks_served")
-        holders = [
+        candidates = [
             entry
             for entry in snapshot.candidates(key)
-            if (dataset_pattern is None or fnmatch.fnmatchcase(entry.dataset, dataset_pattern))
-            # The key index alone says whether a file holds the key: no payload is read.
-            and self._reader(entry).get(key, EVENT_KEY) is not None
+            if dataset_pattern is None or fnmatch.fnmatchcase(entry.dataset, dataset_pattern)
         ]
+        # Most derived datasets first: once one holds the key, the datasets its records
+        # reference need no key check (each costs a row group's keys when not cached).
+        # They stay candidates: _finish reads one only if no record accounts for it.
+        candidates.sort(key=lambda e: (-len(self._implied(snapshot, e.dataset)), e.dataset))
+        holders: list[TagFile] = []
+        unchecked: list[TagFile] = []
+        covered: set[str] = set()
+        for entry in candidates:
+            if entry.dataset in covered:
+                unchecked.append(entry)
+            # The key index alone says whether a file holds the key: no payload is read.
+            elif self._reader(entry).get(key, EVENT_KEY) is not None:
+                holders.append(entry)
+                covered |= self._implied(snapshot, entry.dataset)
         if not holders:
             return None
+        holders.extend(unchecked)
         holders.sort(key=lambda e: (e.dataset, _key_of(e.key_min), e.file_id))
         read = self._plan(snapshot, tuple(sorted({e.dataset for e in holders})))
         records = self._records([e for e in holders if e.dataset in read], key)

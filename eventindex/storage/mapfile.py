@@ -444,6 +444,16 @@ class KeyCache:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
 
+    def resize(self, max_bytes: int) -> None:
+        """Change the budget, evicting the least recently used entries down to it."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must not be negative, not {max_bytes}")
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
     def drop(self, reader_id: int) -> None:
         """Forget every entry of one reader (it was closed)."""
         with self._lock:
@@ -556,11 +566,13 @@ class _Handles:
     def _open(self) -> tuple[pq.ParquetFile, pa.NativeFile | None]:
         source: pa.NativeFile | None = None
         if isinstance(self._filesystem, pafs.LocalFileSystem):
-            # Memory-mapped: a row-group read is a decode straight from the page cache.
+            # Memory-mapped: a row-group read is a decode straight from the page cache,
+            # so pre-buffering (coalesced reads on I/O threads) would only add a hop.
             file = pq.ParquetFile(
                 self._path,
                 metadata=self._metadata,
                 memory_map=True,
+                pre_buffer=False,
                 read_dictionary=self._read_dictionary,
             )
         else:
@@ -626,7 +638,7 @@ class MapFileReader:
         source: pa.NativeFile | None = None
         try:
             if isinstance(filesystem, pafs.LocalFileSystem):
-                file = pq.ParquetFile(path, memory_map=True)
+                file = pq.ParquetFile(path, memory_map=True, pre_buffer=False)
             else:
                 source = filesystem.open_input_file(path)
                 file = pq.ParquetFile(source)

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from eventindex.errors import EventIndexError
+
 # Destinations. ActiveMQ's individual dead-letter strategy (conf/activemq/activemq.xml)
 # names a queue's DLQ by prefixing "DLQ."; the in-process broker follows the same rule.
 EVENTS_QUEUE = "/queue/eventindex.events"
@@ -23,6 +25,27 @@ DLQ_PREFIX = "DLQ."
 # Headers that carry project meaning; STOMP header names are plain strings.
 HEADER_ERROR = "eventindex-error"
 HEADER_ORIGINAL_DESTINATION = "eventindex-original-destination"
+
+
+class TransportError(EventIndexError):
+    """The broker refused a frame, the connection is down, or a destination is bad."""
+
+
+class ConfirmationTimeoutError(TransportError):
+    """The broker did not confirm a send or a commit (no RECEIPT) in time."""
+
+
+class ConnectionLostError(TransportError):
+    """The connection dropped before the broker confirmed; the outcome is unknown."""
+
+
+def check_destination(destination: str) -> None:
+    """Raise TransportError unless ``destination`` is ``/queue/NAME`` or ``/topic/NAME``."""
+    kind, _, name = destination.rpartition("/")
+    if kind not in ("/queue", "/topic") or not name:
+        raise TransportError(
+            f"bad destination {destination!r}: expected /queue/NAME or /topic/NAME"
+        )
 
 
 def dead_letter_queue(destination: str) -> str:

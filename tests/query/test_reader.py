@@ -436,6 +436,29 @@ def test_a_derived_record_stands_for_its_upstream_copies(
     )
 
 
+def test_a_derived_holder_spares_the_key_checks_of_its_upstream_datasets(
+    store: GeneratedStore, kept: tuple[int, int]
+) -> None:
+    """Once the DAOD holds the key, its AOD and RAW need not even be asked for it."""
+    checked: list[str] = []
+    original = MapFileReader.get
+
+    def recording(self: MapFileReader, key: Any, columns: Any = None) -> Any:
+        if columns is not None and "references" not in columns:
+            checked.append(self.metadata["dataset"])
+        return original(self, key, columns)
+
+    with Reader(store.catalog) as fresh, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MapFileReader, "get", recording)
+        picked = fresh.pick(store.spec.collection, *kept)
+    assert picked is not None
+    assert locations(picked) == expected_locations(store, *kept)
+    run_number = kept[0]
+    assert sorted(checked) == sorted(
+        [store.dataset(run_number, "DAOD_PHYS"), store.dataset(run_number, "AOD", "r7562")]
+    )
+
+
 def test_records_without_upstream_references_make_the_upstream_files_read(
     tmp_path: Path,
 ) -> None:

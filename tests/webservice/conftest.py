@@ -15,7 +15,6 @@ from catalog.base import Catalog
 from eventindex.config import Settings, load_config
 from tests.generated_store import GeneratedStore
 from webservice.app import create_app
-from webservice.options import ServiceOptions
 from webservice.problems import PROBLEM_MEDIA_TYPE
 
 with warnings.catch_warnings():
@@ -25,26 +24,29 @@ with warnings.catch_warnings():
 
 TOKEN = "s3cret-admin-token"
 # Small limits, so the tests can cross them cheaply.
-OPTIONS = ServiceOptions(max_body_bytes=64 * 1024, max_lookup_events=50)
+LIMITS: dict[str, Any] = {"max_body_bytes": 64 * 1024, "max_lookup_events": 50}
 
 
-def service_settings(store: GeneratedStore, tokens: list[str] | None = None) -> Settings:
-    """Settings for ``store``, ignoring the environment of whoever runs the tests."""
+def service_settings(
+    store: GeneratedStore, tokens: list[str] | None = None, **webservice: Any
+) -> Settings:
+    """Settings for ``store`` with the small test ``LIMITS`` (``webservice`` overrides
+    any ``[webservice]`` setting), ignoring the environment of whoever runs the tests."""
+    limits = {f"webservice.{name}": value for name, value in {**LIMITS, **webservice}.items()}
     return load_config(
         overrides={
             "store.root": str(store.root),
             "catalog.path": str(store.catalog_path),
             "webservice.tokens": [TOKEN] if tokens is None else tokens,
+            **limits,
         },
         environ={},
     )
 
 
-def make_client(
-    settings: Settings, catalog: Catalog | None = None, options: ServiceOptions = OPTIONS
-) -> TestClient:
+def make_client(settings: Settings, catalog: Catalog | None = None) -> TestClient:
     """A client of a new app; use it as a context manager, so the lifespan runs."""
-    app = create_app(settings, catalog=catalog, options=options)
+    app = create_app(settings, catalog=catalog)
     return TestClient(app, raise_server_exceptions=False)
 
 

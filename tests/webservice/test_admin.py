@@ -14,7 +14,6 @@ from eventindex.generator import GeneratorSpec, generate_run
 from eventindex.records.schema import RecordKind
 from tests.generated_store import GeneratedStore
 from tests.webservice.conftest import TOKEN, assert_problem, make_client, service_settings
-from webservice.options import ServiceOptions
 
 
 def test_refresh_without_a_token_is_401(client: TestClient) -> None:
@@ -71,9 +70,9 @@ def test_refresh_makes_new_data_visible_at_once(tmp_path: Path) -> None:
     table: pa.Table = next(t for name, t in tables.items() if name.endswith(".daq.RAW"))
     event = table["event_number"][0].as_py()
     # The Reader would wait an hour before it looked at the catalog again by itself.
-    slow = ServiceOptions(reader_refresh_seconds=3600)
+    slow = service_settings(store, reader_refresh_seconds=3600)
     try:
-        with make_client(service_settings(store), catalog=store.catalog, options=slow) as opened:
+        with make_client(slow, catalog=store.catalog) as opened:
             assert_problem(opened.get(f"/v1/events/{later_run}/{event}"), 404)
             create_generated(later, store.catalog, store.writer)
             assert_problem(opened.get(f"/v1/events/{later_run}/{event}"), 404)
@@ -88,9 +87,9 @@ def test_refresh_makes_new_data_visible_at_once(tmp_path: Path) -> None:
 
 def test_refresh_makes_a_new_collection_known_at_once(store: GeneratedStore) -> None:
     catalog = SQLiteCatalog(":memory:")
-    slow = ServiceOptions(reader_refresh_seconds=3600)
+    slow = service_settings(store, reader_refresh_seconds=3600)
     try:
-        with make_client(service_settings(store), catalog=catalog, options=slow) as opened:
+        with make_client(slow, catalog=catalog) as opened:
             params = {"collection": "data17_13TeV.physics_Main"}
             assert_problem(opened.get("/v1/events/1/2", params=params), 404, "collection")
             catalog.create_collection(Collection(params["collection"], RecordKind.EVENTS))

@@ -13,7 +13,7 @@ from catalog import Collection, SQLiteCatalog
 from eventindex.errors import CatalogError, StorageError
 from eventindex.records.schema import RecordKind
 from tests.generated_store import GeneratedStore
-from tests.webservice.conftest import OPTIONS, assert_problem, make_client, service_settings
+from tests.webservice.conftest import LIMITS, assert_problem, make_client, service_settings
 
 MAX_RUN = 2**32 - 1
 MAX_EVENT = 2**64 - 1
@@ -116,16 +116,16 @@ def test_bad_lookup_bodies(client: TestClient, body: Any, field: str | None) -> 
 
 
 def test_many_bad_pairs_are_reported_briefly(client: TestClient) -> None:
-    body = {"events": [[-1, -1]] * OPTIONS.max_lookup_events}
+    body = {"events": [[-1, -1]] * LIMITS["max_lookup_events"]}
     problem = assert_problem(post(client, "/v1/events/lookup", body), 422, "events.0.0")
     assert len(problem["errors"]) == 50
     assert "more" in problem["detail"]
 
 
 def test_oversize_lookup_is_413(client: TestClient) -> None:
-    body = {"events": [[1, n] for n in range(OPTIONS.max_lookup_events + 1)]}
+    body = {"events": [[1, n] for n in range(LIMITS["max_lookup_events"] + 1)]}
     problem = assert_problem(post(client, "/v1/events/lookup", body), 413, "events", "body")
-    assert str(OPTIONS.max_lookup_events) in problem["detail"]
+    assert str(LIMITS["max_lookup_events"]) in problem["detail"]
 
 
 def test_unknown_collection_in_body_is_404(client: TestClient) -> None:
@@ -193,18 +193,18 @@ def test_missing_body_is_422(client: TestClient) -> None:
 
 def test_body_over_the_limit_is_413_before_parsing(client: TestClient) -> None:
     # Not even JSON: the size alone decides, from Content-Length.
-    body = b"x" * (OPTIONS.max_body_bytes + 1)
+    body = b"x" * (LIMITS["max_body_bytes"] + 1)
     response = client.post(
         "/v1/events/lookup", content=body, headers={"content-type": "application/json"}
     )
     problem = assert_problem(response, 413, "body", "body")
-    assert str(OPTIONS.max_body_bytes) in problem["detail"]
+    assert str(LIMITS["max_body_bytes"]) in problem["detail"]
 
 
 def test_streamed_body_over_the_limit_is_413(client: TestClient) -> None:
     def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
         yield b'{"events": ['
-        for _ in range(OPTIONS.max_body_bytes // 1000 + 1):
+        for _ in range(LIMITS["max_body_bytes"] // 1000 + 1):
             yield b"[1, 2], " * 125
         yield b"[1, 2]]}"
 
@@ -216,10 +216,10 @@ def test_streamed_body_over_the_limit_is_413(client: TestClient) -> None:
 
 
 def test_body_just_under_the_limit_is_parsed(client: TestClient) -> None:
-    padding = OPTIONS.max_body_bytes - 200
+    padding = LIMITS["max_body_bytes"] - 200
     body = json.dumps({"events": [[1, 2]], "dataset": "*" + " " * padding})[:-1] + "}"
     response = post(client, "/v1/events/lookup", json.loads(body))
-    assert len(response.request.content) < OPTIONS.max_body_bytes
+    assert len(response.request.content) < LIMITS["max_body_bytes"]
     assert_problem(response, 422, "dataset", "body")  # too long a pattern, but it was read
 
 

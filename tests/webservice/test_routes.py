@@ -18,7 +18,7 @@ from catalog import FileKind
 from eventindex import __version__
 from eventindex.query import Reader
 from tests.generated_store import GeneratedStore
-from tests.webservice.conftest import OPTIONS, assert_problem
+from tests.webservice.conftest import LIMITS, assert_problem
 
 
 def row_of(table: pa.Table, run_number: int, event_number: int) -> dict[str, Any] | None:
@@ -140,7 +140,7 @@ def test_lookup_with_filters(
 
 
 def test_lookup_at_the_limit_is_accepted(client: TestClient, known_event: tuple[int, int]) -> None:
-    limit = OPTIONS.max_lookup_events
+    limit = LIMITS["max_lookup_events"]
     response = client.post("/v1/events/lookup", json={"events": [list(known_event)] * limit})
     assert response.status_code == 200
     assert response.json()["found"] == limit

@@ -18,7 +18,7 @@ from eventindex.config import Settings
 from tests.generated_store import GeneratedStore
 from tests.webservice.conftest import TOKEN, service_settings
 from webservice.app import create_app
-from webservice.options import MAX_EVENT_NUMBER, ServiceOptions
+from webservice.options import MAX_EVENT_NUMBER
 
 _DOCUMENT = create_app(Settings()).openapi()  # the schema needs no catalog: no store here
 OPERATIONS = [
@@ -50,8 +50,8 @@ CONFIG = SchemathesisConfig.from_dict(
 @pytest.fixture(scope="module")
 def api_schema(store: GeneratedStore) -> BaseSchema:
     # Limits small enough that generated lists cross them now and then.
-    options = ServiceOptions(max_body_bytes=16 * 1024, max_lookup_events=20)
-    app = create_app(service_settings(store), catalog=store.catalog, options=options)
+    settings = service_settings(store, max_body_bytes=16 * 1024, max_lookup_events=20)
+    app = create_app(settings, catalog=store.catalog)
     return schemathesis.openapi.from_asgi("/openapi.json", app, config=CONFIG)
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.loadgen import run_load
+from eventindex.config import WebServiceSettings
 from eventindex.query import Reader
 from tests.generated_store import GeneratedStore
 from tests.webservice.conftest import TOKEN, assert_problem
-from webservice.options import ServiceOptions
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +149,7 @@ def test_bad_input_over_http(http: httpx.Client) -> None:
 
 
 def test_body_over_the_default_limit_is_413_over_http(http: httpx.Client) -> None:
-    limit = ServiceOptions().max_body_bytes
+    limit = WebServiceSettings().max_body_bytes
     body = b"[" + b" " * limit + b"]"
     response = http.post(
         "/v1/events/lookup", content=body, headers={"content-type": "application/json"}
@@ -167,6 +168,26 @@ def test_metrics_over_http(http: httpx.Client, known_event: tuple[int, int]) -> 
     text = http.get("/metrics").text
     assert 'route="/v1/events/{run}/{event}",status="200"' in text
     assert "eventindex_reader_open_files" in text
+
+
+def test_load_generator_against_the_real_server(
+    server: Server, known_event: tuple[int, int], absent_event: tuple[int, int]
+) -> None:
+    run, event = known_event
+    paths = [f"/v1/events/{run}/{event}", "/v1/health"]
+    result = run_load(server.url, paths, rate=40, seconds=1.0, connections=4)
+    assert result.errors == 0 and len(result.latencies) == 40
+    assert result.statuses == {200: 40}
+    summary = result.summary()
+    assert summary["requests_ok"] == 40 and summary["p99_ms"] > 0
+    # An absent event is a 404: counted as an error, with its status.
+    missing = run_load(server.url, ["/v1/events/{}/{}".format(*absent_event)], rate=10, seconds=0.5)
+    assert missing.errors == 5 and missing.statuses == {404: 5} and not missing.latencies
+
+
+def test_load_generator_targets_loopback_only() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        run_load("http://192.0.2.1:8080", ["/v1/health"], rate=1, seconds=1)
 
 
 def test_access_log_lines_and_clean_stop(server: Server, http: httpx.Client) -> None:

@@ -135,7 +135,7 @@ def select_events(
     the first row; a failure mid-stream cuts the response short."""
     collection = collections.resolve(body.collection, "body")
     limit = body.limit
-    if options.max_select_rows is not None:
+    if options.max_select_rows:  # 0: no cap
         limit = min(limit or options.max_select_rows, options.max_select_rows)
     rows = iter(
         reader.select(

@@ -1,0 +1,433 @@
+"""Event picking on the shared generated store (100 M events), with DuckDB and Spark SQL
+answering the same picks on the same files in the same run.
+
+With no flags the store of ``benchmarks.common.ensure_event_store()`` is built
+(or reused: it is resumable and idempotent); ``--catalog``/``--store`` point at
+another store instead and never build. Keys are random existing events, drawn
+from random row groups of random RAW files (RAW holds every event).
+
+* ``pick_p50_ms``/``pick_p99_ms``: ``Reader.pick`` in-process, warm: a first
+  pass over the same keys opened the files and warmed the key index and the
+  page cache (no decoded payload is cached anywhere, so every pick decodes its
+  row groups). ``pick_cold_*`` is that first pass.
+* ``http_p50_ms``/``http_p99_ms``: ``GET /v1/events/{run}/{event}`` from one
+  keep-alive client to a real ``eventindex serve`` subprocess (uvicorn, one
+  worker, loopback), warm the same way.
+* ``batch_10k_s``: one ``Reader.lookup`` of 10,000 other random events
+  (``batch_10k_warm_s``: the same call again).
+* ``duckdb_p50_ms``: a parametrised ``read_parquet(files) WHERE run_number=?
+  AND event_number=?`` over the files whose catalog key range holds the key
+  (the files the Reader considers), metadata cache on; ``spark_p50_ms``: the
+  same with Spark SQL (``local[2]``) over the same files; the ratios are their
+  p50 over ours on the same keys.
+* ``--load-seconds N``: the open-loop load generator of ``benchmarks.loadgen``
+  at ``--load-rate`` picks/s against a server with ``--load-workers`` workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+
+from benchmarks.common import emit, ensure_event_store, event_store_paths, percentiles_ms
+from benchmarks.loadgen import run_load
+from catalog.model import FileKind, TagFile
+from catalog.sqlite import SQLiteCatalog
+from eventindex.config import SparkSettings, WebServiceSettings
+from eventindex.generator import GeneratorSpec, dataset_specs
+from eventindex.query import Reader
+from eventindex.records.schema import EVENT_KEY
+from eventindex.storage import resolve
+
+Key = tuple[int, int]
+TARGETS = {
+    "pick_p50_ms": 2.0,
+    "pick_p99_ms": 10.0,
+    "http_p50_ms": 5.0,
+    "http_p99_ms": 20.0,
+    "batch_10k_s": 1.0,
+}
+LOAD_TARGET_RATE = 500.0
+LOAD_TARGET_P99_MS = 50.0
+BASELINE_COLUMNS = (
+    "run_number",
+    "event_number",
+    "lumi_block",
+    "timestamp",
+    "timestamp_ns",
+    "bcid",
+    "lvl1_id",
+    "smk",
+    "l1psk",
+    "hltpsk",
+    "references",
+)
+SERVER_START_TIMEOUT_S = 120.0
+EVENTINDEX = Path(sys.executable).parent / "eventindex"
+LOG_DIR = Path("var/bench")
+
+
+def _complete_store(events: int, runs: int) -> tuple[str, str] | None:
+    """The shared store when its catalog already lists all of it, else ``None``.
+
+    ``ensure_event_store`` regenerates every run to compare it with what is stored,
+    which takes minutes on 100 M events; a store whose every dataset is there with
+    ``events`` RAW rows needs no such check to be read.
+    """
+    root, catalog_path = event_store_paths(events)
+    if not Path(catalog_path).exists():
+        return None
+    spec = GeneratorSpec(runs=runs, events_per_run=max(1, events // runs), exact=True, seed=0)
+    expected = {d.name: d.format for d in dataset_specs(spec)}
+    with SQLiteCatalog(catalog_path) as catalog:
+        files = catalog.list_tagfiles(collection=spec.collection, kinds=[FileKind.MASTER])
+    held = {f.dataset for f in files}
+    raw_rows = sum(f.rows for f in files if expected.get(f.dataset) == "RAW")
+    return (root, catalog_path) if held >= set(expected) and raw_rows == events else None
+
+
+def _local_path(uri: str) -> str:
+    return resolve(uri)[1]
+
+
+def store_figures(files: Sequence[TagFile], formats: dict[str, str]) -> dict[str, Any]:
+    """Size of the store: events (rows of RAW datasets), rows, datasets, files, bytes."""
+    return {
+        "events": sum(f.rows for f in files if formats.get(f.dataset) == "RAW"),
+        "rows": sum(f.rows for f in files),
+        "datasets": len({f.dataset for f in files}),
+        "files": len(files),
+        "bytes": sum(f.bytes for f in files),
+    }
+
+
+def sample_keys(files: Sequence[TagFile], count: int, rng: np.random.Generator) -> list[Key]:
+    """``count`` distinct random events: a random row of a random row group of a random file."""
+    handles: dict[str, pq.ParquetFile] = {}
+    keys: set[Key] = set()
+    try:
+        while len(keys) < count:
+            entry = files[int(rng.integers(len(files)))]
+            handle = handles.get(entry.file_id)
+            if handle is None:
+                handle = handles[entry.file_id] = pq.ParquetFile(_local_path(entry.uri))
+            group = int(rng.integers(handle.metadata.num_row_groups))
+            table = handle.read_row_group(group, columns=list(EVENT_KEY))
+            # A few keys per row group read keeps sampling cheap and still spread out.
+            for row in rng.choice(table.num_rows, size=min(4, table.num_rows), replace=False):
+                keys.add(
+                    (
+                        int(table.column("run_number")[int(row)].as_py()),
+                        int(table.column("event_number")[int(row)].as_py()),
+                    )
+                )
+    finally:
+        for handle in handles.values():
+            handle.close()
+    ordered = sorted(keys)
+    rng.shuffle(ordered)
+    return ordered[:count]
+
+
+def _timed(call: Callable[[Key], object], keys: Sequence[Key]) -> list[float]:
+    durations = []
+    for key in keys:
+        start = time.perf_counter()
+        call(key)
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
+def _figures(prefix: str, durations: Sequence[float]) -> dict[str, float]:
+    latency = percentiles_ms(durations)
+    return {f"{prefix}_{name}_ms": value for name, value in latency.items()}
+
+
+# -- the service -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def running_server(store: str, catalog: str, workers: int) -> Iterator[str]:
+    """A real ``eventindex serve`` on loopback for the duration of the block; its URL."""
+    port = _free_port()
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log = LOG_DIR / f"pick-server-{workers}w.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EVENTINDEX_")}
+    command = [
+        str(EVENTINDEX),
+        "--store",
+        store,
+        "--catalog",
+        catalog,
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environ)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}; see {log}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not up after {SERVER_START_TIMEOUT_S} s; see {log}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _pick_path(collection: str, key: Key) -> str:
+    return f"/v1/events/{key[0]}/{key[1]}?collection={collection}"
+
+
+def measure_http(url: str, collection: str, keys: Sequence[Key]) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=30) as client:
+
+        def pick(key: Key) -> None:
+            response = client.get(_pick_path(collection, key))
+            if response.status_code != 200:
+                raise RuntimeError(f"GET {key}: {response.status_code} {response.text[:200]}")
+
+        cold = _timed(pick, keys)
+        warm = _timed(pick, keys)
+    return {**_figures("http", warm), **_figures("http_cold", cold)}
+
+
+# -- baselines -----------------------------------------------------------------------
+
+
+def _candidate_files(snapshot_files: Sequence[TagFile], key: Key) -> list[str]:
+    return sorted(
+        _local_path(f.uri) for f in snapshot_files if tuple(f.key_min) <= key <= tuple(f.key_max)
+    )
+
+
+def measure_duckdb(files: Sequence[TagFile], keys: Sequence[Key]) -> dict[str, Any]:
+    import duckdb
+
+    columns = ", ".join(f'"{c}"' for c in BASELINE_COLUMNS)
+    sql = (
+        f"SELECT filename, {columns} FROM read_parquet(?, filename = true) "
+        "WHERE run_number = ? AND event_number = ?"
+    )
+    connection = duckdb.connect()
+    try:
+        connection.execute("SET parquet_metadata_cache = true")
+        threads = int(connection.execute("SELECT current_setting('threads')").fetchall()[0][0])
+
+        def pick(key: Key) -> None:
+            rows = connection.execute(sql, [_candidate_files(files, key), *key]).fetchall()
+            if not rows:
+                raise RuntimeError(f"DuckDB found no row for {key}")
+
+        _timed(pick, keys)  # warm: metadata cache and page cache
+        warm = _timed(pick, keys)
+    finally:
+        connection.close()
+    return {**_figures("duckdb", warm), "duckdb_threads": threads, "duckdb_picks": len(keys)}
+
+
+def measure_spark(files: Sequence[TagFile], keys: Sequence[Key]) -> dict[str, Any]:
+    from pyspark.sql import functions as F  # noqa: N812 - the usual alias
+
+    from spark_jobs.session import spark_session
+
+    settings = SparkSettings(
+        master="local[2]",
+        app_name="eventindex-bench-pick",
+        conf={
+            "spark.driver.memory": "2g",
+            "spark.ui.enabled": "false",
+            "spark.sql.shuffle.partitions": "2",
+            "spark.ui.showConsoleProgress": "false",
+        },
+    )
+    started = time.perf_counter()
+    spark = spark_session(settings)
+    startup_s = time.perf_counter() - started
+    try:
+
+        def pick(key: Key) -> None:
+            frame = spark.read.parquet(*_candidate_files(files, key))
+            rows = (
+                frame.where((F.col("run_number") == key[0]) & (F.col("event_number") == key[1]))
+                .select(F.input_file_name().alias("filename"), *BASELINE_COLUMNS)
+                .collect()
+            )
+            if not rows:
+                raise RuntimeError(f"Spark found no row for {key}")
+
+        _timed(pick, keys[: max(1, len(keys) // 4)])  # warm the JVM's code paths
+        warm = _timed(pick, keys)
+    finally:
+        spark.stop()
+    return {
+        **_figures("spark", warm),
+        "spark_picks": len(keys),
+        "spark_startup_s": round(startup_s, 1),
+    }
+
+
+# -- the benchmark -------------------------------------------------------------------
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="benchmarks.pick", description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000_000, help="store size to build")
+    parser.add_argument("--runs", type=int, default=50, help="runs of the store to build")
+    parser.add_argument("--catalog", help="use this SQLite catalog (no build)")
+    parser.add_argument("--store", help="store root of --catalog")
+    parser.add_argument("--picks", type=int, default=1000, help="random picks per pass")
+    parser.add_argument("--batch", type=int, default=10_000, help="events in the batch lookup")
+    parser.add_argument("--duckdb-picks", type=int, default=200)
+    parser.add_argument("--spark-picks", type=int, default=24)
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP figures")
+    parser.add_argument("--no-duckdb", action="store_true", help="skip the DuckDB baseline")
+    parser.add_argument("--no-spark", action="store_true", help="skip the Spark baseline")
+    parser.add_argument(
+        "--load-seconds", type=float, default=0.0, help="load test length (0: none)"
+    )
+    parser.add_argument("--load-rate", type=float, default=LOAD_TARGET_RATE, help="picks/s")
+    parser.add_argument("--load-connections", type=int, default=32)
+    parser.add_argument("--load-workers", type=int, default=2, help="uvicorn workers under load")
+    parser.add_argument("--seed", type=int, default=20150603)
+    args = parser.parse_args(argv)
+
+    if args.catalog:
+        if not args.store:
+            parser.error("--catalog needs --store")
+        store_root, catalog_path = args.store, args.catalog
+    else:
+        started = time.perf_counter()
+        complete = _complete_store(args.events, args.runs)
+        store_root, catalog_path = complete or ensure_event_store(args.events, args.runs)
+        build_s = time.perf_counter() - started
+    load_before = os.getloadavg()[0]
+    rng = np.random.default_rng(args.seed)
+    result: dict[str, Any] = {}
+    key_cache_bytes = WebServiceSettings().reader_key_cache_bytes  # as the service has it
+    with (
+        SQLiteCatalog(catalog_path) as catalog,
+        Reader(catalog, key_cache_bytes=key_cache_bytes) as reader,
+    ):
+        collection = reader.default_collection()
+        files = catalog.list_tagfiles(collection=collection, kinds=[FileKind.MASTER])
+        formats = {d.name: d.format for d in catalog.list_datasets(collection)}
+        result["store"] = {"collection": collection, **store_figures(files, formats)}
+        if not args.catalog:
+            result["store"]["ensure_s"] = round(build_s, 1)
+        raw = [f for f in files if formats.get(f.dataset) == "RAW"]
+        keys = sample_keys(raw, args.picks + args.batch, rng)
+        picks, batch = keys[: args.picks], keys[args.picks :]
+
+        def pick(key: Key) -> None:
+            if reader.pick(collection, *key) is None:
+                raise RuntimeError(f"event {key} not found")
+
+        cold = _timed(pick, picks)
+        warm = _timed(pick, picks)
+        result.update(_figures("pick", warm))
+        result.update(_figures("pick_cold", cold))
+        result["picks"] = len(picks)
+        result["key_cache_bytes"] = key_cache_bytes
+
+        started = time.perf_counter()
+        found = reader.lookup(collection, batch)
+        result["batch_10k_s"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        reader.lookup(collection, batch)
+        result["batch_10k_warm_s"] = round(time.perf_counter() - started, 3)
+        result["batch_events"] = len(batch)
+        result["batch_found"] = sum(1 for event in found if event is not None)
+
+        ours = np.asarray(warm) * 1000.0
+        if not args.no_duckdb:
+            subset = picks[: args.duckdb_picks]
+            result.update(measure_duckdb(files, subset))
+            p50 = float(np.percentile(ours[: len(subset)], 50))
+            result["ratio_duckdb_to_pick"] = round(result["duckdb_p50_ms"] / p50, 1)
+        if not args.no_spark:
+            subset = picks[: args.spark_picks]
+            result.update(measure_spark(files, subset))
+            p50 = float(np.percentile(ours[: len(subset)], 50))
+            result["ratio_spark_to_pick"] = round(result["spark_p50_ms"] / p50, 1)
+
+    if not args.no_http:
+        with running_server(store_root, catalog_path, workers=1) as url:
+            result.update(measure_http(url, collection, picks))
+            result["http_workers"] = 1
+            if args.load_seconds > 0 and args.load_workers == 1:
+                result["load"] = _load(url, collection, picks, args)
+        if args.load_seconds > 0 and args.load_workers != 1:
+            with running_server(store_root, catalog_path, workers=args.load_workers) as url:
+                result["load"] = _load(url, collection, picks, args)
+
+    result["targets"] = TARGETS
+    result["met"] = {
+        name: result[name] <= limit for name, limit in TARGETS.items() if name in result
+    }
+    if "load" in result:
+        load = result["load"]
+        result["met"]["load"] = (
+            load["throughput_per_s"] >= LOAD_TARGET_RATE
+            and load.get("p99_ms", float("inf")) <= LOAD_TARGET_P99_MS
+            and load["errors"] == 0
+        )
+    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return result
+
+
+def _load(
+    url: str, collection: str, keys: Sequence[Key], args: argparse.Namespace
+) -> dict[str, Any]:
+    paths = [_pick_path(collection, key) for key in keys]
+    # Warm the server's files and caches on these keys first, as for the latency figures.
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for path in paths:
+            client.get(path)
+    load = run_load(
+        url,
+        paths,
+        rate=args.load_rate,
+        seconds=args.load_seconds,
+        connections=args.load_connections,
+    )
+    return {"workers": args.load_workers, "distinct_events": len(paths), **load.summary()}
+
+
+if __name__ == "__main__":
+    emit(run(sys.argv[1:]))

@@ -1,0 +1,430 @@
+"""The consumer: validate messages, batch events per dataset, store, register, then ack.
+
+One :class:`EventConsumer` owns one transport subscription. ``run_once`` takes
+what the broker delivered for a short while and flushes when a threshold is
+reached (events, message bytes, seconds since the oldest pending message, or
+the prefetch window being full: the broker sends no more until we ack). A flush
+writes one map-file TagFile per dataset through ``FilesetWriter`` (sorted by
+run and event on the way), commits it in the catalog with the message ids it
+absorbed, and only then acknowledges those messages. So:
+
+* a crash (even SIGKILL) before the commit loses nothing: nothing was acked,
+  the broker redelivers;
+* a crash after the commit and before the acks makes the broker redeliver
+  messages already stored: every flush first asks the catalog which of its
+  message ids are already absorbed, and acknowledges those without storing them;
+* after a lost connection the broker redelivers everything unacknowledged (maybe
+  to another worker), so pending messages of the old connection are dropped,
+  not stored.
+
+Invalid messages go to the dead-letter queue with the reason in
+``HEADER_ERROR``, and are acknowledged; they are counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import dataclass, field
+from typing import Final
+
+import pyarrow as pa
+
+from catalog.base import Catalog
+from catalog.fileset import FilesetWriter
+from catalog.model import Dataset
+from eventindex.config import ConsumerSettings
+from eventindex.creator import ensure_collection, ensure_dataset
+from eventindex.errors import EventIndexError, NotFoundError, ValidationError
+from eventindex.records.codec import MessageHeader, decode_events
+from eventindex.records.schema import RecordKind
+from eventindex.status import HEADER_SENT_AT, HEADER_STATUS_TYPE, BatchStored, encode_status
+from eventindex.transport import (
+    EVENTS_QUEUE,
+    HEADER_ERROR,
+    HEADER_ORIGINAL_DESTINATION,
+    STATUS_TOPIC,
+    Message,
+    Transport,
+    TransportError,
+    dead_letter_queue,
+)
+
+log = logging.getLogger(__name__)
+
+# Headers of ours that travel with a message into the dead-letter queue.
+_KEPT_HEADER_PREFIX: Final = "eventindex-"
+_MAX_REASON: Final = 1000
+
+
+@dataclass
+class ConsumerStats:
+    """Counters of one consumer; ``latencies`` are send → committed, in seconds."""
+
+    received: int = 0
+    stored_messages: int = 0
+    stored_events: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    tagfiles: int = 0
+    flushes: int = 0
+    dropped_after_reconnect: int = 0
+    failed_flushes: int = 0
+    cpu_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, float]:
+        fields = dict(vars(self))
+        fields.pop("latencies")
+        return fields
+
+
+@dataclass
+class _Pending:
+    message: Message
+    header: MessageHeader
+    table: pa.Table
+    epoch: int
+
+
+@dataclass
+class _DatasetBatch:
+    items: list[_Pending] = field(default_factory=list)
+    rows: int = 0
+
+
+def dataset_from_header(header: MessageHeader) -> Dataset:
+    """The catalog entry of a message's dataset; an ATLAS name gives format and tag."""
+    parts = header.dataset.split(".")
+    atlas = len(parts) >= 5 and parts[1].isdigit()
+    return Dataset(
+        name=header.dataset,
+        collection=header.collection,
+        format=parts[4] if atlas else "",
+        processing_tag=".".join(parts[5:]) if atlas else "",
+        project=parts[0] if atlas else "",
+        stream=parts[2] if atlas else "",
+        attributes={"run_number": str(int(parts[1]))} if atlas else {},
+    )
+
+
+class EventConsumer:
+    """Consumes ``EVENTS_QUEUE`` into map-files; see the module docstring."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        catalog: Catalog,
+        writer: FilesetWriter,
+        settings: ConsumerSettings,
+        *,
+        max_message_bytes: int,
+        name: str = "",
+        destination: str = EVENTS_QUEUE,
+        clock: Callable[[], float] = time.monotonic,
+        flush_lock: AbstractContextManager[object] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.catalog = catalog
+        self.writer = writer
+        self.settings = settings
+        self.max_message_bytes = max_message_bytes
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.destination = destination
+        self.clock = clock
+        # Held from the absorbed-ids check to the commit, so that two workers given the
+        # same redelivered message (after a lost connection) cannot both store it.
+        self.flush_lock = flush_lock or nullcontext()
+        self.stats = ConsumerStats()
+        self._pending: dict[str, _DatasetBatch] = {}
+        self._pending_ids: dict[str, _Pending] = {}
+        self._repeats: list[Message] = []  # deliveries of an id already pending
+        self._pending_messages = 0
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        self._oldest: float | None = None
+        self._datasets: dict[str, Dataset] = {}
+        self._subscription: str | None = None
+        self._epoch = 0
+
+    # -- connection -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect (if needed) and subscribe."""
+        if not self.transport.connected:
+            self.transport.connect()
+        self._subscription = self.transport.subscribe(
+            self.destination, prefetch=self.settings.prefetch
+        )
+
+    def _reconnected(self) -> None:
+        """The connection dropped: what is pending will be redelivered, maybe elsewhere."""
+        self._epoch += 1
+        dropped = self._pending_messages + len(self._repeats)
+        if dropped:
+            log.warning("connection lost: dropping %d pending messages", dropped)
+        self.stats.dropped_after_reconnect += dropped
+        self._clear_pending()
+        self._subscription = None
+
+    def _ensure_subscribed(self) -> None:
+        if self._subscription is not None and self.transport.connected:
+            return
+        if self._subscription is not None:
+            self._reconnected()
+        self.transport.connect()
+        self.start()
+
+    # -- the daemon loop -----------------------------------------------------------------
+
+    def run_once(self, timeout: float = 0.5) -> int:
+        """Handle what arrives within ``timeout`` s (at most a prefetch window), flushing
+        when a threshold is reached; returns the messages handled."""
+        try:
+            self._ensure_subscribed()
+            handled = 0
+            deadline = self.clock() + timeout
+            while handled < self.settings.prefetch:
+                remaining = deadline - self.clock()
+                message = self.transport.receive(timeout=max(remaining, 0.0))
+                if message is None:
+                    break
+                self.handle(message)
+                handled += 1
+                if self._flush_due():
+                    self.flush()
+            if self._flush_due():
+                self.flush()
+            return handled
+        except TransportError as exc:
+            log.warning("transport failure: %s; reconnecting", exc)
+            self._reconnected()
+            return 0
+
+    def run(self, stop: threading.Event, *, once: bool = False, idle_seconds: float = 2.0) -> None:
+        """Loop ``run_once`` until ``stop`` is set (or, ``once``, until the queue has been
+        idle for ``idle_seconds``); then flush what is pending and unsubscribe."""
+        idle_since = self.clock()
+        while not stop.is_set():
+            handled = self.run_once(timeout=min(0.5, self.settings.flush_seconds))
+            if handled:
+                idle_since = self.clock()
+            elif once and self._pending_messages == 0 and self.clock() - idle_since > idle_seconds:
+                break
+            elif once and self.clock() - idle_since > idle_seconds:
+                self.flush()
+        try:
+            self.flush()
+        except TransportError as exc:
+            log.warning("could not acknowledge the last batch (%s): it will be redelivered", exc)
+
+    # -- messages ----------------------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        """Validate one message and add it to its dataset's batch, or dead-letter it."""
+        self.stats.received += 1
+        try:
+            header, table = decode_events(message.body, max_bytes=self.max_message_bytes)
+            self._check_dataset(header)
+        except ValidationError as exc:
+            self._dead_letter(message, exc)
+            return
+        if header.message_id in self._pending_ids:
+            self._repeats.append(message)
+            return
+        pending = _Pending(message, header, table, self._epoch)
+        self._pending_ids[header.message_id] = pending
+        batch = self._pending.setdefault(header.dataset, _DatasetBatch())
+        batch.items.append(pending)
+        batch.rows += table.num_rows
+        self._pending_messages += 1
+        self._pending_rows += table.num_rows
+        self._pending_bytes += len(message.body)
+        if self._oldest is None:
+            self._oldest = self.clock()
+
+    def _check_dataset(self, header: MessageHeader) -> None:
+        """The dataset must be new or belong to the message's collection of events."""
+        known = self._datasets.get(header.dataset)
+        if known is None:
+            try:
+                existing = self.catalog.get_dataset(header.dataset)
+            except NotFoundError:
+                existing = None
+            if existing is None:
+                try:
+                    collection = self.catalog.get_collection(header.collection)
+                except NotFoundError:
+                    collection = None
+                if collection is not None and collection.kind is not RecordKind.EVENTS:
+                    raise ValidationError(
+                        f"header.collection: {header.collection!r} holds "
+                        f"{collection.kind.value}, not events"
+                    )
+                known = dataset_from_header(header)
+            else:
+                known = existing
+            self._datasets[header.dataset] = known
+        if known.collection != header.collection:
+            raise ValidationError(
+                f"header.collection: dataset {header.dataset!r} belongs to collection "
+                f"{known.collection!r}, not {header.collection!r}"
+            )
+
+    def _dead_letter(self, message: Message, error: Exception) -> None:
+        reason = " ".join(str(error).split())[:_MAX_REASON] or type(error).__name__
+        headers = {k: v for k, v in message.headers.items() if k.startswith(_KEPT_HEADER_PREFIX)}
+        headers[HEADER_ERROR] = reason
+        headers[HEADER_ORIGINAL_DESTINATION] = message.destination or self.destination
+        self.transport.send(
+            dead_letter_queue(self.destination), message.body, headers, persistent=True
+        )
+        self.transport.ack(message)
+        self.stats.invalid += 1
+        log.info("dead-lettered message %s: %s", message.message_id, reason)
+
+    # -- flushing ----------------------------------------------------------------------
+
+    def _flush_due(self) -> bool:
+        if not self._pending_messages:
+            return bool(self._repeats) and len(self._repeats) >= self.settings.prefetch // 2
+        settings = self.settings
+        return (
+            self._pending_rows >= settings.flush_rows
+            or self._pending_bytes >= settings.flush_bytes
+            or self._pending_messages + len(self._repeats) >= settings.prefetch
+            or (self._oldest is not None and self.clock() - self._oldest >= settings.flush_seconds)
+        )
+
+    def _clear_pending(self) -> None:
+        # New containers: flush still walks the ones it took.
+        self._pending = {}
+        self._pending_ids = {}
+        self._repeats = []
+        self._pending_messages = self._pending_rows = self._pending_bytes = 0
+        self._oldest = None
+
+    def flush(self) -> int:
+        """Store every pending batch, then acknowledge; returns the events stored."""
+        if not self._pending_messages and not self._repeats:
+            return 0
+        batches, repeats = self._pending, self._repeats
+        stale = [p for b in batches.values() for p in b.items if p.epoch != self._epoch]
+        self._clear_pending()
+        if stale:  # cannot happen while _reconnected clears: kept as a guard
+            self.stats.dropped_after_reconnect += len(stale)
+            return 0
+        self.stats.flushes += 1
+        with self.flush_lock:
+            stored = self._store_batches(batches)
+        self.stats.duplicates += len(repeats)
+        self._ack_all(repeats)
+        return stored
+
+    def _ack_all(self, messages: list[Message]) -> None:
+        """Acknowledge in one broker transaction: one confirmed commit, not one write each."""
+        if not messages:
+            return
+        transaction = self.transport.begin()
+        try:
+            for message in messages:
+                self.transport.ack(message, transaction=transaction)
+            self.transport.commit(transaction)
+        except BaseException:
+            with suppress(TransportError):
+                self.transport.abort(transaction)
+            raise
+
+    def _store_batches(self, batches: dict[str, _DatasetBatch]) -> int:
+        ids = [p.header.message_id for b in batches.values() for p in b.items]
+        absorbed = self.catalog.absorbed_message_ids(ids)
+        stored = 0
+        for name, batch in batches.items():
+            fresh = [p for p in batch.items if p.header.message_id not in absorbed]
+            done = [p for p in batch.items if p.header.message_id in absorbed]
+            if fresh:
+                try:
+                    stored += self._store(name, fresh)
+                except EventIndexError as exc:
+                    # Refuse them: the broker redelivers, and dead-letters after its limit.
+                    log.error("storing %d messages of %s failed: %s", len(fresh), name, exc)
+                    self.stats.failed_flushes += 1
+                    for pending in fresh:
+                        self.transport.nack(pending.message)
+                    fresh = []
+            if done:
+                self.stats.duplicates += len(done)
+                self._ack_all([p.message for p in done])
+                self._publish(
+                    BatchStored(
+                        consumer=self.name,
+                        collection=done[0].header.collection,
+                        dataset=name,
+                        file_id="",
+                        events=0,
+                        message_ids=[p.header.message_id for p in done],
+                        committed_at=time.time(),
+                    )
+                )
+        return stored
+
+    def _store(self, name: str, items: list[_Pending]) -> int:
+        dataset = self._datasets[name]
+        header = items[0].header
+        ensure_collection(self.catalog, header.collection, RecordKind.EVENTS)
+        ensure_dataset(self.catalog, dataset)
+        table = pa.concat_tables([p.table for p in items]) if len(items) > 1 else items[0].table
+        message_ids = [p.header.message_id for p in items]
+        entry = self.writer.write(table, dataset, message_ids=message_ids)
+        committed = time.time()
+        self._ack_all([p.message for p in items])
+        for pending in items:
+            sent_at = pending.message.headers.get(HEADER_SENT_AT)
+            if sent_at:
+                with suppress(ValueError):
+                    self.stats.latencies.append(committed - float(sent_at))
+        guids: dict[str, int] = {}
+        for pending in items:
+            guids[pending.header.guid] = guids.get(pending.header.guid, 0) + pending.header.count
+        self.stats.tagfiles += 1
+        self.stats.stored_messages += len(items)
+        self.stats.stored_events += entry.rows
+        self._publish(
+            BatchStored(
+                consumer=self.name,
+                collection=header.collection,
+                dataset=name,
+                file_id=entry.file_id,
+                events=entry.rows,
+                guids=guids,
+                message_ids=message_ids,
+                committed_at=committed,
+            )
+        )
+        return entry.rows
+
+    def _publish(self, status: BatchStored) -> None:
+        try:
+            self.transport.send(
+                STATUS_TOPIC,
+                encode_status(status),
+                {HEADER_STATUS_TYPE: status.type},
+                persistent=False,
+            )
+        except TransportError as exc:  # status is informative; storage already happened
+            log.warning("could not publish status: %s", exc)
+
+    def close(self) -> None:
+        """Unsubscribe: anything not acknowledged goes back to the broker."""
+        if self._subscription is not None and self.transport.connected:
+            with suppress(TransportError):
+                self.transport.unsubscribe(self._subscription)
+        self._subscription = None
+
+
+__all__ = ["ConsumerStats", "EventConsumer", "dataset_from_header"]

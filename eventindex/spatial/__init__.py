@@ -1,0 +1,1 @@
+"""Spatial geometry for object catalogs: the Qserv grid (``Chunker``) and sky regions."""

@@ -1,0 +1,564 @@
+"""ActiveMQ over STOMP 1.2, through stomp.py.
+
+* Failover: stomp.py tries the brokers of the URL in order, with the configured
+  waits between rounds; after a lost connection a reconnector thread opens a new
+  one and subscribes again to everything this transport was subscribed to.
+* Heart-beats in both directions. stomp.py's receiver thread only puts frames on
+  an internal queue; the caller's ``receive`` does the rest, so heart-beats keep
+  flowing however long a consumer works on a message.
+* Confirmed sends: a send outside a transaction carries a receipt request and
+  returns once the RECEIPT arrives. A send whose connection dropped before its
+  receipt is sent again after reconnection (at least once: consumers deduplicate
+  by the producer's sequence id), and waiting is bounded: ``ConfirmationTimeoutError``.
+* Acknowledgements are ``client-individual`` with ``activemq.prefetchSize`` as the
+  prefetch. A message delivered on an earlier connection cannot be acknowledged on
+  a new one: the broker has already put it back for redelivery, so such an ack or
+  nack is dropped (and logged), and a transaction begun on a lost connection fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import stomp
+from stomp.exception import ConnectFailedException, StompException
+
+from eventindex.config import BrokerSettings
+from eventindex.transport.base import (
+    HEADER_ERROR,
+    HEADER_ORIGINAL_DESTINATION,
+    ConfirmationTimeoutError,
+    ConnectionLostError,
+    Message,
+    Transport,
+    TransportError,
+    check_destination,
+)
+
+log = logging.getLogger(__name__)
+
+PREFETCH_HEADER = "activemq.prefetchSize"
+# ActiveMQ's names for why and whence a message went to a dead-letter queue.
+ACTIVEMQ_DLQ_CAUSE = "dlqDeliveryFailureCause"
+ACTIVEMQ_ORIGINAL_DESTINATION = "original-destination"
+HEARTBEAT_RECEIVE_SCALE = 2.5
+DLQ_REASON = "moved to the dead-letter queue by the broker: delivery failed too many times"
+# How long close() waits for the broker to confirm DISCONNECT.
+DISCONNECT_WAIT_S = 5.0
+
+
+@dataclass
+class _Pending:
+    """A frame waiting for its RECEIPT; ``error`` set by an ERROR frame or a lost connection."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    lost: bool = False
+
+
+@dataclass(frozen=True)
+class _Subscribed:
+    destination: str
+    prefetch: int
+
+
+class _Listener(stomp.ConnectionListener):  # type: ignore[misc]
+    """Runs on stomp.py's receiver thread: records what arrived and returns at once."""
+
+    def __init__(self, owner: StompTransport, generation: int) -> None:
+        self.owner = owner
+        self.generation = generation
+        self.connected = threading.Event()
+        self.refusal: str | None = None
+
+    def on_connected(self, frame: Any) -> None:
+        self.connected.set()
+
+    def on_message(self, frame: Any) -> None:
+        self.owner._inbox.put((self.generation, frame.headers, frame.body))
+
+    def on_receipt(self, frame: Any) -> None:
+        self.owner._confirm(frame.headers.get("receipt-id", ""), None)
+
+    def on_error(self, frame: Any) -> None:
+        message = frame.headers.get("message", "") or _text(frame.body)
+        receipt = frame.headers.get("receipt-id")
+        if not self.connected.is_set():
+            self.refusal = message or "the broker refused the connection"
+            self.connected.set()
+        elif receipt:
+            self.owner._confirm(receipt, message or "ERROR frame without a message")
+        else:
+            log.warning("broker error: %s", message)
+
+    def on_disconnected(self) -> None:
+        self.owner._lost(self.generation)
+
+    def on_heartbeat_timeout(self) -> None:
+        log.warning("no heart-beat from the broker: the connection is considered lost")
+
+
+def _text(body: Any) -> str:
+    if isinstance(body, bytes):
+        return body.decode("utf-8", "replace").strip()
+    return str(body or "").strip()
+
+
+class StompTransport(Transport):
+    """A STOMP connection to one of ``addresses`` (tried in order)."""
+
+    def __init__(
+        self,
+        addresses: list[tuple[str, int]],
+        settings: BrokerSettings | None = None,
+        *,
+        use_ssl: bool = False,
+    ) -> None:
+        if not addresses:
+            raise TransportError("no broker address to connect to")
+        self.addresses = addresses
+        self.settings = settings or BrokerSettings()
+        self.use_ssl = use_ssl
+        self._lock = threading.RLock()
+        self._connection: stomp.Connection12 | None = None
+        self._generation = 0
+        self._up = threading.Event()
+        self._reconnect_needed = threading.Event()
+        self._closing = False
+        self._reconnector: threading.Thread | None = None
+        self._subscriptions: dict[str, _Subscribed] = {}
+        self._subscription_ids = itertools.count(1)
+        self._transactions: dict[str, int] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._inbox: queue.Queue[tuple[int, dict[str, str], Any]] = queue.Queue()
+
+    @property
+    def description(self) -> str:
+        scheme = "stomp+ssl" if self.use_ssl else "stomp"
+        return f"{scheme}://" + ",".join(f"{host}:{port}" for host, port in self.addresses)
+
+    # Connection life cycle.
+
+    def connect(self) -> None:
+        if self._up.is_set():
+            return
+        with self._lock:
+            self._closing = False
+            self._reconnect_needed.clear()
+        self._open()
+        if self._reconnector is None or not self._reconnector.is_alive():
+            self._reconnector = threading.Thread(
+                target=self._reconnect_loop, name="stomp-reconnector", daemon=True
+            )
+            self._reconnector.start()
+
+    def _open(self) -> None:
+        """Open a new connection and subscribe again; raises TransportError if none answers."""
+        settings = self.settings
+        connection = stomp.Connection12(
+            host_and_ports=self.addresses,
+            prefer_localhost=False,
+            try_loopback_connect=False,
+            reconnect_sleep_initial=settings.reconnect_delay_s,
+            reconnect_sleep_increase=0.5,
+            reconnect_sleep_max=settings.reconnect_delay_max_s,
+            reconnect_attempts_max=settings.reconnect_attempts,
+            timeout=settings.receipt_timeout_s,
+            heartbeats=(settings.heartbeat_ms, settings.heartbeat_ms),
+            # ActiveMQ sends its heart-beat up to two periods apart: allow for that.
+            heart_beat_receive_scale=HEARTBEAT_RECEIVE_SCALE,
+            auto_decode=False,
+        )
+        if self.use_ssl:
+            connection.set_ssl(
+                for_hosts=self.addresses,
+                key_file=settings.ssl_key_file or None,
+                cert_file=settings.ssl_cert_file or None,
+                ca_certs=settings.ssl_ca_file or None,
+            )
+        with self._lock:
+            self._generation += 1
+            listener = _Listener(self, self._generation)
+        connection.set_listener("eventindex", listener)
+        try:
+            connection.connect(
+                settings.user or None,
+                settings.password or None,
+                wait=False,
+                with_connect_command=True,
+            )
+        except (ConnectFailedException, OSError, StompException) as exc:
+            raise TransportError(
+                f"cannot connect to {self.description} after "
+                f"{settings.reconnect_attempts} attempts: {exc or type(exc).__name__}"
+            ) from exc
+        if not listener.connected.wait(settings.receipt_timeout_s) or listener.refusal:
+            _drop(connection)
+            reason = listener.refusal or "no CONNECTED frame in time"
+            raise TransportError(f"{self.description} refused the connection: {reason}")
+        with self._lock:
+            if self._closing:
+                _drop(connection)
+                raise TransportError(f"transport to {self.description} closed while connecting")
+            self._connection = connection
+            self._up.set()
+            subscriptions = list(self._subscriptions.items())
+        for subscription, subscribed in subscriptions:
+            self._subscribe_frame(connection, subscription, subscribed)
+        log.info("connected to %s:%s", *connection.transport.current_host_and_port)
+
+    def _lost(self, generation: int) -> None:
+        """Called on the receiver thread when a connection ends."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._up.clear()
+            for pending in self._pending.values():
+                pending.lost = True
+                pending.done.set()
+            if not self._closing:
+                log.warning("connection to %s lost; reconnecting", self.description)
+                self._reconnect_needed.set()
+
+    def _reconnect_loop(self) -> None:
+        # Connecting can take many tries: the lock is not held meanwhile, so acks,
+        # receives and close() never wait behind it.
+        while True:
+            self._reconnect_needed.wait()
+            with self._lock:
+                if self._closing:
+                    return
+                self._reconnect_needed.clear()
+                stale, self._connection = self._connection, None
+            if stale is not None:
+                _drop(stale)
+            try:
+                self._open()
+            except TransportError as exc:
+                if self._closing:
+                    return
+                log.warning("%s; trying again", exc)
+                self._reconnect_needed.set()
+                time.sleep(self.settings.reconnect_delay_max_s)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            connection, self._connection = self._connection, None
+            self._up.clear()
+            self._subscriptions.clear()
+            self._transactions.clear()
+            self._reconnect_needed.set()
+        if connection is not None and connection.is_connected():
+            try:
+                self._request(connection, lambda receipt: connection.disconnect(receipt=receipt))
+            except TransportError as exc:
+                log.debug("disconnect not confirmed: %s", exc)
+        if connection is not None:
+            _drop(connection)
+        if self._reconnector is not None and self._reconnector is not threading.current_thread():
+            self._reconnector.join(timeout=DISCONNECT_WAIT_S)
+        self._reconnector = None
+        self._clear_inbox()
+
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    def _clear_inbox(self) -> None:
+        while True:
+            try:
+                self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    # Frames that wait for a RECEIPT.
+
+    def _confirm(self, receipt: str, error: str | None) -> None:
+        pending = self._pending.get(receipt)
+        if pending is not None:
+            pending.error = error
+            pending.done.set()
+
+    def _request(
+        self,
+        connection: stomp.Connection12,
+        transmit: Callable[[str], None],
+        timeout: float | None = None,
+    ) -> None:
+        """Transmit one frame asking for a receipt and wait for it.
+
+        Raises ConnectionLostError if the connection ends first, TransportError on an
+        ERROR frame, ConfirmationTimeoutError if nothing comes in time.
+        """
+        timeout = self.settings.receipt_timeout_s if timeout is None else timeout
+        receipt = uuid.uuid4().hex
+        pending = self._pending[receipt] = _Pending()
+        try:
+            try:
+                transmit(receipt)
+            except (StompException, OSError) as exc:
+                raise ConnectionLostError(f"connection to {self.description} lost: {exc}") from exc
+            if not pending.done.wait(timeout):
+                raise ConfirmationTimeoutError(
+                    f"{self.description} did not confirm within {timeout:g} s"
+                )
+            if pending.error is not None:
+                raise TransportError(f"{self.description} refused: {pending.error}")
+            if pending.lost:
+                raise ConnectionLostError(
+                    f"connection to {self.description} lost before the receipt"
+                )
+        finally:
+            self._pending.pop(receipt, None)
+
+    def _live_connection(self, deadline: float) -> tuple[stomp.Connection12, int]:
+        """The current connection, waiting for a reconnection until ``deadline``."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._closing:
+                raise TransportError(f"not connected to {self.description}")
+            if not self._up.wait(max(remaining, 0)):
+                raise ConfirmationTimeoutError(f"no connection to {self.description} in time")
+            with self._lock:
+                if self._connection is not None and self._up.is_set():
+                    return self._connection, self._generation
+
+    def _require_connected(self) -> None:
+        if self._closing or (self._connection is None and not self._up.is_set()):
+            raise TransportError(f"not connected to {self.description}")
+
+    def _reconnect_wait_s(self) -> float:
+        settings = self.settings
+        return settings.receipt_timeout_s + settings.reconnect_attempts * min(
+            settings.reconnect_delay_max_s, 1.0
+        ) * len(self.addresses)
+
+    # Messaging.
+
+    def send(
+        self,
+        destination: str,
+        body: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        persistent: bool = True,
+        transaction: str | None = None,
+    ) -> None:
+        self._require_connected()
+        check_destination(destination)
+        frame_headers = {**(headers or {}), "persistent": "true" if persistent else "false"}
+        if transaction is not None:
+            connection = self._transaction_connection(transaction)
+            frame_headers["transaction"] = transaction
+            _transmit(connection, lambda: connection.send(destination, body, headers=frame_headers))
+            return
+        deadline = time.monotonic() + self._reconnect_wait_s()
+        while True:
+            connection, _ = self._live_connection(deadline)
+            try:
+                self._request(connection, _sender(connection, destination, body, frame_headers))
+                return
+            except ConnectionLostError:
+                log.info(
+                    "send to %s not confirmed before the connection dropped; resending", destination
+                )
+
+    def subscribe(self, destination: str, *, prefetch: int = 64) -> str:
+        self._require_connected()
+        check_destination(destination)
+        if prefetch < 1:
+            raise TransportError(f"prefetch must be at least 1, got {prefetch}")
+        subscription = f"sub-{next(self._subscription_ids)}"
+        subscribed = _Subscribed(destination, prefetch)
+        with self._lock:
+            self._subscriptions[subscription] = subscribed
+            connection = self._connection
+        if connection is not None and self._up.is_set():
+            # On a lost connection, the reconnection subscribes again.
+            with contextlib.suppress(ConnectionLostError):
+                self._subscribe_frame(connection, subscription, subscribed)
+        return subscription
+
+    def _subscribe_frame(
+        self, connection: stomp.Connection12, subscription: str, subscribed: _Subscribed
+    ) -> None:
+        self._request(
+            connection,
+            lambda receipt: connection.subscribe(
+                subscribed.destination,
+                subscription,
+                ack="client-individual",
+                headers={PREFETCH_HEADER: str(subscribed.prefetch), "receipt": receipt},
+            ),
+        )
+
+    def unsubscribe(self, subscription: str) -> None:
+        with self._lock:
+            removed = self._subscriptions.pop(subscription, None)
+            connection = self._connection
+        if removed is None:
+            raise TransportError(f"no subscription {subscription!r} on this transport")
+        if connection is not None and self._up.is_set():
+            # On a lost connection, the subscription is gone with it anyway.
+            with contextlib.suppress(ConnectionLostError):
+                self._request(
+                    connection,
+                    lambda receipt: connection.unsubscribe(
+                        subscription, headers={"receipt": receipt}
+                    ),
+                )
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        self._require_connected()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+            try:
+                generation, headers, body = self._inbox.get(timeout=remaining)
+            except queue.Empty:
+                return None
+            subscription = headers.get("subscription", "")
+            # Deliveries of an older connection are back with the broker; skip them.
+            if generation == self._generation and subscription in self._subscriptions:
+                return _message(generation, headers, body)
+
+    def _ack_target(self, message: Message, verb: str) -> tuple[stomp.Connection12, str] | None:
+        generation, _, ack = message.ack_id.partition(":")
+        with self._lock:
+            connection = self._connection
+            current = generation == str(self._generation) and self._up.is_set()
+        if connection is None or not current:
+            log.info(
+                "%s of %s dropped: delivered on a connection since lost, the broker redelivers it",
+                verb,
+                message.message_id,
+            )
+            return None
+        return connection, ack
+
+    def ack(self, message: Message, *, transaction: str | None = None) -> None:
+        self._require_connected()
+        if transaction is not None:
+            self._transaction_connection(transaction)
+        target = self._ack_target(message, "ack")
+        if target is not None:
+            connection, ack = target
+            _transmit(connection, lambda: connection.ack(ack, transaction=transaction))
+
+    def nack(self, message: Message) -> None:
+        self._require_connected()
+        target = self._ack_target(message, "nack")
+        if target is not None:
+            connection, ack = target
+            _transmit(connection, lambda: connection.nack(ack))
+
+    # Transactions.
+
+    def _transaction_connection(self, transaction: str) -> stomp.Connection12:
+        with self._lock:
+            generation = self._transactions.get(transaction)
+            if generation is None:
+                raise TransportError(f"no open transaction {transaction!r}")
+            if generation != self._generation or self._connection is None:
+                self._transactions.pop(transaction, None)
+                raise ConnectionLostError(
+                    f"transaction {transaction} was lost with the connection to {self.description}"
+                )
+            return self._connection
+
+    def begin(self) -> str:
+        self._require_connected()
+        deadline = time.monotonic() + self._reconnect_wait_s()
+        connection, generation = self._live_connection(deadline)
+        transaction = f"tx-{uuid.uuid4().hex}"
+        with self._lock:
+            self._transactions[transaction] = generation
+        _transmit(connection, lambda: connection.begin(transaction))
+        return transaction
+
+    def commit(self, transaction: str) -> None:
+        self._require_connected()
+        connection = self._transaction_connection(transaction)
+        try:
+            self._request(
+                connection,
+                lambda receipt: connection.commit(transaction, headers={"receipt": receipt}),
+            )
+        finally:
+            with self._lock:
+                self._transactions.pop(transaction, None)
+
+    def abort(self, transaction: str) -> None:
+        self._require_connected()
+        try:
+            connection = self._transaction_connection(transaction)
+        except ConnectionLostError:
+            return  # the broker dropped it with the connection
+        try:
+            self._request(
+                connection,
+                lambda receipt: connection.abort(transaction, headers={"receipt": receipt}),
+            )
+        except ConnectionLostError:
+            pass
+        finally:
+            with self._lock:
+                self._transactions.pop(transaction, None)
+
+
+def _sender(
+    connection: stomp.Connection12, destination: str, body: bytes, headers: dict[str, str]
+) -> Callable[[str], None]:
+    def send(receipt: str) -> None:
+        connection.send(destination, body, headers={**headers, "receipt": receipt})
+
+    return send
+
+
+def _transmit(connection: stomp.Connection12, transmit: Callable[[], None]) -> None:
+    try:
+        transmit()
+    except (StompException, OSError) as exc:
+        raise ConnectionLostError(f"connection lost while sending a frame: {exc}") from exc
+
+
+def _drop(connection: stomp.Connection12) -> None:
+    """Close a connection's socket and stop its threads, whatever state it is in."""
+    transport = connection.transport
+    transport.running = False
+    try:
+        transport.disconnect_socket()
+    except (OSError, StompException) as exc:
+        log.debug("closing the socket: %s", exc)
+
+
+def _message(generation: int, headers: Mapping[str, str], body: Any) -> Message:
+    frame_headers = dict(headers)
+    # ActiveMQ's own dead-letter headers, under the names the project uses.
+    if ACTIVEMQ_DLQ_CAUSE in frame_headers:
+        frame_headers.setdefault(HEADER_ERROR, frame_headers[ACTIVEMQ_DLQ_CAUSE])
+    if ACTIVEMQ_ORIGINAL_DESTINATION in frame_headers:
+        frame_headers.setdefault(
+            HEADER_ORIGINAL_DESTINATION, frame_headers[ACTIVEMQ_ORIGINAL_DESTINATION]
+        )
+        # ActiveMQ's redelivery plugin dead-letters without saying why.
+        frame_headers.setdefault(HEADER_ERROR, DLQ_REASON)
+    return Message(
+        destination=frame_headers.get("destination", ""),
+        body=body if isinstance(body, bytes) else str(body).encode(),
+        headers=frame_headers,
+        message_id=frame_headers.get("message-id", ""),
+        ack_id=f"{generation}:{frame_headers.get('ack', '')}",
+        subscription=frame_headers.get("subscription", ""),
+        redelivered=frame_headers.get("redelivered") == "true",
+    )

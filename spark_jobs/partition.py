@@ -1,0 +1,345 @@
+"""The spatial partitioning job: a catalog table → chunk, overlap and director map-files.
+
+Plan (driver): read the input (Parquet, CSV, or a dataset's master files),
+refuse bad positions and duplicate object ids before anything is written, and
+register the dataset with the grid parameters. Transform (executors, no Spark
+API): ``eventindex.spatial.partition`` assigns cells and overlap copies per
+Arrow batch; each (chunk, kind) group is sorted and written as one map-file;
+the director rows, range-partitioned and sorted by object id, are written as
+one director file per partition. Main: the driver registers every written file
+and commits it. A job that fails after writing removes what it wrote; a driver
+that dies in between leaves files that ``eventindex catalog verify`` reports as
+orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from catalog.base import Catalog
+from catalog.model import FileKind, FileState, TagFile
+from eventindex.config import Settings, SpatialSettings
+from eventindex.errors import EventIndexError, NotFoundError, ValidationError
+from eventindex.spatial.chunker import Chunker
+from eventindex.spatial.partition import (
+    CHUNK_ID,
+    CHUNK_KEY,
+    DEFAULT_COLUMNS,
+    DIRECTOR_KEY,
+    OBJECT_ID,
+    SUB_CHUNK_ID,
+    Columns,
+    PartitionedWriter,
+    PartitionSummary,
+    assign_cells,
+    chunk_pieces,
+    input_tables,
+    normalize,
+    partition_local,
+)
+from eventindex.storage import MapFileInfo, MapFileWriter, WriteOptions, write_mapfile
+from eventindex.storage.filesystem import delete_file, exists, join
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+IS_OVERLAP = "_is_overlap"
+WRITTEN_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("part", pa.string()),
+        ("file_id", pa.string()),
+        ("uri", pa.string()),
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("checksum", pa.string()),
+        ("key_min", pa.list_(pa.int64())),
+        ("key_max", pa.list_(pa.int64())),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class FileTarget:
+    """Where executors write: the store folder of one dataset, and how."""
+
+    folder: str  # <root>/<collection>/<dataset>
+    dataset: str
+    options: WriteOptions
+
+    def uri(self, kind: FileKind, file_id: str, part: str) -> str:
+        name = f"{part}.{file_id}.parquet" if part else f"{file_id}.parquet"
+        return join(self.folder, kind.value, name)
+
+
+def _written(kind: FileKind, part: str, file_id: str, info: MapFileInfo) -> dict[str, Any]:
+    return {
+        "kind": kind.value,
+        "part": part,
+        "file_id": file_id,
+        "uri": info.uri,
+        "rows": info.rows,
+        "bytes": info.bytes,
+        "checksum": info.checksum,
+        "key_min": list(info.key_min),
+        "key_max": list(info.key_max),
+    }
+
+
+# -- transforms (run on executors, tested on small tables) ----------------------
+
+
+def assign_batch(table: pa.Table, chunker: Chunker, columns: Columns) -> pa.Table:
+    """Home rows and overlap copies of one input batch, flagged by ``_is_overlap``."""
+    primary, overlap = assign_cells(normalize(table, columns), chunker)
+    return pa.concat_tables(
+        [
+            primary.append_column(IS_OVERLAP, pa.array(np.zeros(primary.num_rows, bool))),
+            overlap.append_column(IS_OVERLAP, pa.array(np.ones(overlap.num_rows, bool))),
+        ]
+    )
+
+
+def write_chunk_group(table: pa.Table, target: FileTarget) -> pa.Table:
+    """Write one (chunk, kind) group as a map-file sorted by (sub-chunk, object id)."""
+    from catalog.model import new_file_id
+
+    kind = FileKind.OVERLAP if table.column(IS_OVERLAP)[0].as_py() else FileKind.CHUNK
+    rows = []
+    for chunk_id, piece in chunk_pieces(table.drop_columns([IS_OVERLAP])):
+        file_id = new_file_id()
+        meta = {"dataset": target.dataset, "kind": kind.value, "chunk_id": str(chunk_id)}
+        uri = target.uri(kind, file_id, str(chunk_id))
+        info = write_mapfile(piece, uri, CHUNK_KEY, target.options, meta)
+        rows.append(_written(kind, str(chunk_id), file_id, info))
+    return pa.Table.from_pylist(rows, WRITTEN_SCHEMA)
+
+
+def write_director_part(batches: Iterator[pa.RecordBatch], target: FileTarget) -> pa.Table:
+    """Write one partition of director rows (sorted by object id) as a director file."""
+    from catalog.model import new_file_id
+
+    file_id = new_file_id()
+    uri = target.uri(FileKind.DIRECTOR, file_id, "")
+    meta = {"dataset": target.dataset, "kind": FileKind.DIRECTOR.value}
+    writer: MapFileWriter | None = None
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            table = pa.Table.from_batches([batch])
+            if writer is None:
+                writer = MapFileWriter(uri, table.schema, DIRECTOR_KEY, target.options, meta)
+            writer.write(table)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        return WRITTEN_SCHEMA.empty_table()
+    return pa.Table.from_pylist(
+        [_written(FileKind.DIRECTOR, "", file_id, writer.close())], WRITTEN_SCHEMA
+    )
+
+
+# -- plan and main -----------------------------------------------------------------
+
+
+def read_input(spark: SparkSession, source: str, uris: list[str] | None = None) -> DataFrame:
+    """The input as a DataFrame: a dataset's files (``uris``), a CSV file, or Parquet."""
+    if uris:
+        return spark.read.parquet(*uris)
+    if source.endswith((".csv", ".csv.gz")):
+        return spark.read.csv(source, header=True, inferSchema=True)
+    return spark.read.parquet(source)
+
+
+def check_input(frame: DataFrame, columns: Columns) -> None:
+    """Refuse bad positions and duplicate ids before any file is written."""
+    from pyspark.sql import functions as sf
+
+    missing = [c for c in (columns.object_id, columns.ra, columns.dec) if c not in frame.columns]
+    if missing:
+        raise ValidationError(f"input has no column(s) {missing} (columns: {frame.columns})")
+    ra, dec, oid = sf.col(columns.ra), sf.col(columns.dec), sf.col(columns.object_id)
+    good = (
+        ra.isNotNull()
+        & dec.isNotNull()
+        & oid.isNotNull()
+        & ~sf.isnan(ra)
+        & ~sf.isnan(dec)
+        & (ra >= 0.0)
+        & (ra < 360.0)
+        & (dec >= -90.0)
+        & (dec <= 90.0)
+    )
+    bad = frame.filter(~good).select(oid, ra, dec).limit(1).collect()
+    if bad:
+        row = bad[0]
+        raise ValidationError(
+            f"object {row[0]}: ra must be in [0, 360) and dec in [-90, 90] degrees, "
+            f"none NaN or null; got ra={row[1]}, dec={row[2]}"
+        )
+    twice = frame.groupBy(oid).count().filter(sf.col("count") > 1).limit(1).collect()
+    if twice:
+        raise ValidationError(
+            f"object_id {twice[0][0]} occurs more than once: a director table needs unique ids"
+        )
+
+
+def _arrow_to_spark(schema: pa.Schema) -> Any:
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
+
+
+def run_partition(
+    spark: SparkSession,
+    frame: DataFrame,
+    writer: PartitionedWriter,
+    *,
+    columns: Columns = DEFAULT_COLUMNS,
+    director_partitions: int | None = None,
+) -> PartitionSummary:
+    """Partition ``frame`` on Spark and register every file through ``writer``."""
+    from pyspark.sql import functions as sf
+
+    started = time.perf_counter()
+    check_input(frame, columns)
+    chunker = writer.chunker
+    sample = pa.Schema.from_pandas(frame.limit(0).toPandas(), preserve_index=False)
+    assigned_schema = assign_batch(sample.empty_table(), chunker, columns).schema
+    target = FileTarget(
+        folder=join(writer.files.root, writer.dataset.collection, writer.dataset.name),
+        dataset=writer.dataset.name,
+        options=writer.files.options,
+    )
+
+    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            yield from assign_batch(pa.Table.from_batches([batch]), chunker, columns).to_batches()
+
+    assigned = frame.mapInArrow(assign, _arrow_to_spark(assigned_schema))
+    written_type = _arrow_to_spark(WRITTEN_SCHEMA)
+    chunk_files = assigned.groupBy(CHUNK_ID, IS_OVERLAP).applyInArrow(
+        lambda table: write_chunk_group(table, target), written_type
+    )
+    parts = director_partitions or max(1, spark.sparkContext.defaultParallelism)
+    director_files = (
+        assigned.filter(~sf.col(IS_OVERLAP))
+        .select(OBJECT_ID, CHUNK_ID, SUB_CHUNK_ID)
+        .repartitionByRange(parts, OBJECT_ID)
+        .sortWithinPartitions(OBJECT_ID)
+        .mapInArrow(
+            lambda batches: (b for b in write_director_part(batches, target).to_batches()),
+            written_type,
+        )
+    )
+    written: list[dict[str, Any]] = []
+    try:
+        for files in (chunk_files, director_files):
+            written.extend(r.asDict() for r in files.toLocalIterator())
+        register_written(writer, written)
+    except BaseException:
+        for row in written:
+            with contextlib.suppress(EventIndexError, OSError):
+                if exists(row["uri"]):
+                    delete_file(row["uri"])
+        raise
+    writer.summary.seconds = time.perf_counter() - started
+    return writer.summary
+
+
+def register_written(writer: PartitionedWriter, written: list[dict[str, Any]]) -> None:
+    """Register files written by executors (``writing``), then commit each one."""
+    entries = [
+        TagFile(
+            file_id=row["file_id"],
+            dataset=writer.dataset.name,
+            collection=writer.dataset.collection,
+            kind=FileKind(row["kind"]),
+            uri=row["uri"],
+            part=row["part"],
+            state=FileState.WRITING,
+        )
+        for row in written
+    ]
+    if not entries:
+        raise ValidationError("the input holds no rows")
+    writer.catalog.add_tagfiles(entries)
+    chunks: set[str] = set()
+    for entry, row in zip(entries, written, strict=True):
+        info = MapFileInfo(
+            uri=row["uri"],
+            rows=row["rows"],
+            bytes=row["bytes"],
+            checksum=row["checksum"],
+            key_min=tuple(row["key_min"]),
+            key_max=tuple(row["key_max"]),
+            row_groups=0,
+        )
+        writer.commit(entry, info)
+        if entry.kind is FileKind.CHUNK:
+            writer.summary.rows += info.rows
+            chunks.add(entry.part)
+        elif entry.kind is FileKind.OVERLAP:
+            writer.summary.overlap_rows += info.rows
+    writer.summary.chunks = len(chunks)
+
+
+def chunker_of(settings: SpatialSettings) -> Chunker:
+    """The grid that the ``[spatial]`` settings describe."""
+    return Chunker(settings.num_stripes, settings.num_sub_stripes, settings.overlap_arcsec / 3600.0)
+
+
+def partition_catalog(
+    settings: Settings,
+    catalog: Catalog,
+    source: str,
+    catalog_name: str,
+    table: str = "Object",
+    *,
+    columns: Columns = DEFAULT_COLUMNS,
+    spark: SparkSession | None = None,
+) -> PartitionSummary:
+    """Partition ``source`` (Parquet, CSV or a dataset) into ``<catalog_name>.<table>``,
+    on Spark when a session is given, else in this process."""
+    options = WriteOptions(
+        row_group_rows=settings.spatial.row_group_rows,
+        compression=settings.mapfile.compression,
+        compression_level=settings.mapfile.compression_level,
+    )
+    uris = dataset_uris(catalog, source)
+    if spark is None:
+        batches = input_tables(source, catalog)
+        next_batch = next(batches, None)  # input errors surface before anything is created
+        writer = PartitionedWriter(
+            catalog, settings.store.root, catalog_name, table, chunker_of(settings.spatial), options
+        )
+        chained = [] if next_batch is None else itertools.chain([next_batch], batches)
+        return partition_local(chained, writer, columns=columns)
+    frame = read_input(spark, source, uris)
+    writer = PartitionedWriter(
+        catalog, settings.store.root, catalog_name, table, chunker_of(settings.spatial), options
+    )
+    return run_partition(spark, frame, writer, columns=columns)
+
+
+def dataset_uris(catalog: Catalog, source: str) -> list[str] | None:
+    """The master files of ``source`` when it names a dataset of the catalog."""
+    try:
+        catalog.get_dataset(source)
+    except NotFoundError:
+        return None
+    uris = [e.uri for e in catalog.list_tagfiles(dataset=source, kinds=[FileKind.MASTER])]
+    if not uris:
+        raise ValidationError(f"dataset {source!r} has no committed master files")
+    return uris

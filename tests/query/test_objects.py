@@ -1,0 +1,114 @@
+"""Object queries against brute force over the partitioned table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eventindex.errors import NotFoundError
+from eventindex.query.objects import DISTANCE_COLUMN, ObjectCatalogs, ObjectTable, cone
+from eventindex.spatial.chunker import SpatialError
+from eventindex.spatial.regions import Box, Polygon, Region, angular_separation
+from tests.spatial.partition_data import Partitioned, object_table, partition
+
+
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Partitioned]:
+    done = partition(tmp_path_factory.mktemp("objects"), object_table(8000))
+    yield done
+    done.catalog.close()
+
+
+@pytest.fixture(scope="module")
+def table(partitioned: Partitioned) -> Iterator[ObjectTable]:
+    opened = ObjectCatalogs(partitioned.catalog).table("sky")
+    yield opened
+    opened.close()
+
+
+def test_get_returns_each_object(partitioned: Partitioned, table: ObjectTable) -> None:
+    source = partitioned.table
+    for row in np.random.default_rng(0).choice(source.num_rows, 50, replace=False):
+        expected = {name: source.column(name)[int(row)].as_py() for name in source.column_names}
+        got = table.get(expected["object_id"])
+        assert got is not None
+        assert {k: got[k] for k in expected} == expected
+    assert table.get(1) is None  # ids are 3 mod 7
+    assert table.get(-5) is None
+    assert table.get(10**12) is None
+    assert table.get(int(source["object_id"][0].as_py()), ["mag"]) == {
+        "mag": source["mag"][0].as_py()
+    }
+
+
+def _brute(partitioned: Partitioned, region: Region) -> set[int]:
+    source = partitioned.table
+    inside = region.contains(source["ra"].to_numpy(), source["dec"].to_numpy())
+    return set(source["object_id"].to_numpy()[inside].tolist())
+
+
+@pytest.mark.parametrize(
+    "region",
+    [
+        cone(10.0, 5.0, 1800.0),
+        cone(10.0, 5.0, 60.0),
+        cone(0.2, 4.0, 3600.0),  # straddles ra = 0
+        cone(100.0, 89.0, 7200.0),  # reaches the pole
+        Box(355.0, 12.0, 3.0, 6.0),
+        Polygon([(8.0, 3.0), (12.0, 3.0), (11.0, 7.0), (9.0, 7.0)]),
+    ],
+    ids=repr,
+)
+def test_search_matches_brute_force(
+    partitioned: Partitioned, table: ObjectTable, region: Region
+) -> None:
+    found = table.search(region)
+    ids = found["object_id"].to_pylist()
+    assert len(ids) == len(set(ids))
+    assert set(ids) == _brute(partitioned, region)
+    if DISTANCE_COLUMN in found.column_names:
+        distance = angular_separation(region.ra, region.dec, found["ra"], found["dec"]) * 3600  # type: ignore[attr-defined]
+        assert np.allclose(found[DISTANCE_COLUMN].to_numpy(), distance)
+
+
+def test_search_reads_only_touched_chunks(table: ObjectTable) -> None:
+    plan = table.plan_search(cone(10.0, 5.0, 60.0))
+    assert 1 <= len(plan.chunks) <= 2
+    assert set(plan.chunks) <= set(table.chunk_files)
+
+
+def test_search_columns_and_limit(table: ObjectTable) -> None:
+    found = table.search(cone(10.0, 5.0, 3600.0), ["mag"], limit=5)
+    assert found.num_rows == 5
+    assert found.column_names == ["object_id", "ra", "dec", "mag", DISTANCE_COLUMN]
+    empty = table.search(cone(200.0, -60.0, 1.0))
+    assert empty.num_rows == 0 and "mag" in empty.column_names
+
+
+def test_bad_queries_are_refused(partitioned: Partitioned) -> None:
+    catalogs = ObjectCatalogs(partitioned.catalog)
+    with pytest.raises(SpatialError, match="radius"):
+        cone(10.0, 5.0, 0.0)
+    with pytest.raises(SpatialError, match="ra must be in"):
+        cone(360.0, 5.0, 1.0)
+    with pytest.raises(NotFoundError, match=r"no object catalog 'nope'.*sky\.Object"):
+        catalogs.table("nope")
+    assert catalogs.table(None).name == "sky.Object"
+    assert catalogs.table("sky.Object").name == "sky.Object"
+
+
+def test_two_catalogs_need_a_name(tmp_path: Path) -> None:
+    done = partition(tmp_path, object_table(200))
+    from eventindex.spatial.partition import PartitionedWriter, partition_local
+    from tests.spatial.partition_data import GRID, OPTIONS
+
+    partition_local(
+        [object_table(100, 2)],
+        PartitionedWriter(done.catalog, done.store, "other", "Object", GRID, OPTIONS),
+    )
+    with pytest.raises(NotFoundError, match="several object catalogs"):
+        ObjectCatalogs(done.catalog).table(None)
+    assert ObjectCatalogs(done.catalog).table("other").rows == 100
