@@ -13,6 +13,9 @@ from random row groups of random RAW files (RAW holds every event).
 * ``http_p50_ms``/``http_p99_ms``: ``GET /v1/events/{run}/{event}`` from one
   keep-alive client to a real ``eventindex serve`` subprocess (uvicorn, one
   worker, loopback), warm the same way.
+* ``pick_cpu_ms_per_pick``, ``http_server_cpu_ms_per_pick``, ``batch_10k_cpu_s``:
+  the CPU time those took (all threads; the server's from ``/proc``): on a
+  machine shared with other jobs, wall times stretch and CPU times hold.
 * ``batch_10k_s``: one ``Reader.lookup`` of 10,000 other random events
   (``batch_10k_warm_s``: the same call again).
 * ``duckdb_p50_ms``: a parametrised ``read_parquet(files) WHERE run_number=?
@@ -166,8 +169,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(store: str, catalog: str, workers: int) -> Iterator[str]:
-    """A real ``eventindex serve`` on loopback for the duration of the block; its URL."""
+def running_server(store: str, catalog: str, workers: int) -> Iterator[tuple[str, int]]:
+    """A real ``eventindex serve`` on loopback for the duration of the block: its URL and
+    process id."""
     port = _free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = LOG_DIR / f"pick-server-{workers}w.log"
@@ -200,7 +204,7 @@ def running_server(store: str, catalog: str, workers: int) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not up after {SERVER_START_TIMEOUT_S} s; see {log}")
             time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.terminate()
         try:
@@ -214,7 +218,13 @@ def _pick_path(collection: str, key: Key) -> str:
     return f"/v1/events/{key[0]}/{key[1]}?collection={collection}"
 
 
-def measure_http(url: str, collection: str, keys: Sequence[Key]) -> dict[str, Any]:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_http(url: str, server_pid: int, collection: str, keys: Sequence[Key]) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=30) as client:
 
         def pick(key: Key) -> None:
@@ -223,8 +233,14 @@ def measure_http(url: str, collection: str, keys: Sequence[Key]) -> dict[str, An
                 raise RuntimeError(f"GET {key}: {response.status_code} {response.text[:200]}")
 
         cold = _timed(pick, keys)
+        cpu_before = process_cpu_seconds(server_pid)
         warm = _timed(pick, keys)
-    return {**_figures("http", warm), **_figures("http_cold", cold)}
+        server_cpu = process_cpu_seconds(server_pid) - cpu_before
+    return {
+        **_figures("http", warm),
+        **_figures("http_cold", cold),
+        "http_server_cpu_ms_per_pick": round(server_cpu / len(keys) * 1000, 3),
+    }
 
 
 # -- baselines -----------------------------------------------------------------------
@@ -359,15 +375,21 @@ def run(argv: list[str]) -> dict[str, Any]:
                 raise RuntimeError(f"event {key} not found")
 
         cold = _timed(pick, picks)
+        cpu_before = time.process_time()
         warm = _timed(pick, picks)
+        pick_cpu_s = time.process_time() - cpu_before
         result.update(_figures("pick", warm))
+        # CPU per pick (every thread of this process): what a pick costs on a free core,
+        # steadier than wall time on a shared machine.
+        result["pick_cpu_ms_per_pick"] = round(pick_cpu_s / len(picks) * 1000, 3)
         result.update(_figures("pick_cold", cold))
         result["picks"] = len(picks)
         result["key_cache_bytes"] = key_cache_bytes
 
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), time.process_time()
         found = reader.lookup(collection, batch)
         result["batch_10k_s"] = round(time.perf_counter() - started, 3)
+        result["batch_10k_cpu_s"] = round(time.process_time() - cpu_before, 3)
         started = time.perf_counter()
         reader.lookup(collection, batch)
         result["batch_10k_warm_s"] = round(time.perf_counter() - started, 3)
@@ -387,13 +409,14 @@ def run(argv: list[str]) -> dict[str, Any]:
             result["ratio_spark_to_pick"] = round(result["spark_p50_ms"] / p50, 1)
 
     if not args.no_http:
-        with running_server(store_root, catalog_path, workers=1) as url:
-            result.update(measure_http(url, collection, picks))
+        with running_server(store_root, catalog_path, workers=1) as (url, pid):
+            result.update(measure_http(url, pid, collection, picks))
             result["http_workers"] = 1
             if args.load_seconds > 0 and args.load_workers == 1:
                 result["load"] = _load(url, collection, picks, args)
         if args.load_seconds > 0 and args.load_workers != 1:
-            with running_server(store_root, catalog_path, workers=args.load_workers) as url:
+            workers = args.load_workers
+            with running_server(store_root, catalog_path, workers=workers) as (url, _):
                 result["load"] = _load(url, collection, picks, args)
 
     result["targets"] = TARGETS

@@ -208,7 +208,7 @@ def transform_rate(table: pa.Table) -> float:
         pass
     for _ in chunk_pieces(overlap):
         pass
-    return table.num_rows / (time.perf_counter() - started)
+    return float(table.num_rows / (time.perf_counter() - started))
 
 
 # -- queries -------------------------------------------------------------------------
@@ -281,12 +281,16 @@ def http_figures(root: Path, ids: np.ndarray, centres: np.ndarray) -> dict[str, 
                     if client.get("/v1/health").status_code < 500:
                         break
                 time.sleep(0.1)
-            get_urls = [f"/v1/objects/{int(i)}" for i in ids]
+            get_urls = [(f"/v1/objects/{int(i)}", {"catalog": "sky"}) for i in ids]
             small = [
-                ("/v1/objects/cone", {"ra": r, "dec": d, "radius_arcsec": 60.0}) for r, d in centres
+                ("/v1/objects/cone", {"ra": r, "dec": d, "radius_arcsec": 60.0, "catalog": "sky"})
+                for r, d in centres
             ]
             large = [
-                ("/v1/objects/cone", {"ra": r, "dec": d, "radius_arcsec": 3600.0, "limit": 100000})
+                (
+                    "/v1/objects/cone",
+                    {"ra": r, "dec": d, "radius_arcsec": 3600.0, "catalog": "sky", "limit": 100000},
+                )
                 for r, d in centres[: max(10, len(centres) // 10)]
             ]
 
@@ -342,10 +346,11 @@ def lsdb_crossmatch(left: pa.Table, right: pa.Table, radius_arcsec: float) -> di
     except ImportError as exc:
         return {"lsdb_error": f"lsdb not installed ({exc}); pip install lsdb to compare"}
     started = time.perf_counter()
-    left_catalog = lsdb.from_dataframe(
+    from_dataframe: Any = getattr(lsdb, "from_dataframe")  # noqa: B009 - untyped optional package
+    left_catalog = from_dataframe(
         left.to_pandas(), catalog_name="left", ra_column="ra", dec_column="dec"
     )
-    right_catalog = lsdb.from_dataframe(
+    right_catalog = from_dataframe(
         right.to_pandas(),
         catalog_name="right",
         ra_column="ra",
@@ -430,11 +435,14 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="bench spatial", description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=100_000_000)
     parser.add_argument("--queries", type=int, default=500, help="Picks and 1-arcmin cones timed.")
-    parser.add_argument("--xmatch-left", type=int, default=2_000_000)
-    parser.add_argument("--xmatch-right", type=int, default=10_000_000)
+    parser.add_argument("--xmatch-left", type=int, default=1_000_000)
+    parser.add_argument("--xmatch-right", type=int, default=5_000_000)
     parser.add_argument("--no-lsdb", action="store_true")
     parser.add_argument("--no-http", action="store_true")
     parser.add_argument("--no-crossmatch", action="store_true")
+    parser.add_argument(
+        "--only-crossmatch", action="store_true", help="Skip the big sky: crossmatch figures only."
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data", default=str(BENCH_DIR), help="Where data is built and reused.")
     parser.add_argument("--rebuild", action="store_true", help="Delete the data and start over.")
@@ -445,9 +453,18 @@ def run(argv: list[str]) -> dict[str, Any]:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    parts = ensure_objects(root / "objects", args.objects, args.seed)
+    parts = (
+        [] if args.only_crossmatch else ensure_objects(root / "objects", args.objects, args.seed)
+    )
     generate_s = time.perf_counter() - started
     catalog = SQLiteCatalog(str(root / "catalog.sqlite"))
+    if args.only_crossmatch:
+        try:
+            return crossmatch_figures(
+                root, catalog, args.xmatch_left, args.xmatch_right, args.seed, not args.no_lsdb
+            )
+        finally:
+            catalog.close()
     try:
         first = pq.read_table(parts[0])
         transform = transform_rate(first.slice(0, 2_000_000))

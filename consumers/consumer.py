@@ -14,8 +14,10 @@ absorbed, and only then acknowledges those messages. So:
   messages already stored: every flush first asks the catalog which of its
   message ids are already absorbed, and acknowledges those without storing them;
 * after a lost connection the broker redelivers everything unacknowledged (maybe
-  to another worker), so pending messages of the old connection are dropped,
-  not stored.
+  to another worker), so pending messages are dropped when the loss is seen; the
+  absorbed-ids check and the commit run under ``flush_lock`` (a file lock shared
+  by the workers of one machine on a SQLite catalog), so two workers handed the
+  same message cannot both store it.
 
 Invalid messages go to the dead-letter queue with the reason in
 ``HEADER_ERROR``, and are acknowledged; they are counted, never fatal.
@@ -89,7 +91,6 @@ class _Pending:
     message: Message
     header: MessageHeader
     table: pa.Table
-    epoch: int
 
 
 @dataclass
@@ -150,7 +151,7 @@ class EventConsumer:
         self._oldest: float | None = None
         self._datasets: dict[str, Dataset] = {}
         self._subscription: str | None = None
-        self._epoch = 0
+        self._last_received = 0.0
 
     # -- connection -------------------------------------------------------------------
 
@@ -162,38 +163,43 @@ class EventConsumer:
             self.destination, prefetch=self.settings.prefetch
         )
 
-    def _reconnected(self) -> None:
-        """The connection dropped: what is pending will be redelivered, maybe elsewhere."""
-        self._epoch += 1
+    def _connection_lost(self) -> None:
+        """The broker puts back what this connection held unacknowledged (the transport
+        reconnects and subscribes again by itself): forget it, it comes again."""
         dropped = self._pending_messages + len(self._repeats)
         if dropped:
             log.warning("connection lost: dropping %d pending messages", dropped)
         self.stats.dropped_after_reconnect += dropped
         self._clear_pending()
-        self._subscription = None
-
-    def _ensure_subscribed(self) -> None:
-        if self._subscription is not None and self.transport.connected:
-            return
-        if self._subscription is not None:
-            self._reconnected()
-        self.transport.connect()
-        self.start()
 
     # -- the daemon loop -----------------------------------------------------------------
 
     def run_once(self, timeout: float = 0.5) -> int:
         """Handle what arrives within ``timeout`` s (at most a prefetch window), flushing
         when a threshold is reached; returns the messages handled."""
+        if self._subscription is None:
+            self.start()
+        if not self.transport.connected:
+            self._connection_lost()
+            time.sleep(min(timeout, 0.5))
+            return 0
         try:
-            self._ensure_subscribed()
             handled = 0
+            idle = self.settings.flush_idle_seconds
             deadline = self.clock() + timeout
             while handled < self.settings.prefetch:
                 remaining = deadline - self.clock()
-                message = self.transport.receive(timeout=max(remaining, 0.0))
-                if message is None:
+                if remaining <= 0 and handled:
                     break
+                message = self.transport.receive(timeout=max(min(remaining, idle), 0.0))
+                if message is None:
+                    # A quiet queue, or a broker that pages in no more until we ack.
+                    if self._pending_messages and self.clock() - self._last_received >= idle:
+                        self.flush()
+                    if remaining <= 0:
+                        break
+                    continue
+                self._last_received = self.clock()
                 self.handle(message)
                 handled += 1
                 if self._flush_due():
@@ -202,8 +208,8 @@ class EventConsumer:
                 self.flush()
             return handled
         except TransportError as exc:
-            log.warning("transport failure: %s; reconnecting", exc)
-            self._reconnected()
+            log.warning("transport failure: %s", exc)
+            self._connection_lost()
             return 0
 
     def run(self, stop: threading.Event, *, once: bool = False, idle_seconds: float = 2.0) -> None:
@@ -234,10 +240,15 @@ class EventConsumer:
         except ValidationError as exc:
             self._dead_letter(message, exc)
             return
+        except (ValueError, TypeError, ArithmeticError, RecursionError, MemoryError) as exc:
+            # The decoder should have named this; a bad message must still never stop us.
+            log.exception("decoder failed on message %s", message.message_id)
+            self._dead_letter(message, ValidationError(f"undecodable: {type(exc).__name__}: {exc}"))
+            return
         if header.message_id in self._pending_ids:
             self._repeats.append(message)
             return
-        pending = _Pending(message, header, table, self._epoch)
+        pending = _Pending(message, header, table)
         self._pending_ids[header.message_id] = pending
         batch = self._pending.setdefault(header.dataset, _DatasetBatch())
         batch.items.append(pending)
@@ -314,11 +325,7 @@ class EventConsumer:
         if not self._pending_messages and not self._repeats:
             return 0
         batches, repeats = self._pending, self._repeats
-        stale = [p for b in batches.values() for p in b.items if p.epoch != self._epoch]
         self._clear_pending()
-        if stale:  # cannot happen while _reconnected clears: kept as a guard
-            self.stats.dropped_after_reconnect += len(stale)
-            return 0
         self.stats.flushes += 1
         with self.flush_lock:
             stored = self._store_batches(batches)
@@ -350,6 +357,8 @@ class EventConsumer:
             if fresh:
                 try:
                     stored += self._store(name, fresh)
+                except TransportError:
+                    raise  # the connection, not the data: run_once starts afresh
                 except EventIndexError as exc:
                     # Refuse them: the broker redelivers, and dead-letters after its limit.
                     log.error("storing %d messages of %s failed: %s", len(fresh), name, exc)

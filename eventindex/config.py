@@ -70,7 +70,7 @@ class BrokerSettings(Section):
     ssl_ca_file: str = ""
     max_redeliveries: int = Field(5, ge=0, description="Nacks redelivered before the DLQ.")
     redelivery_delay_ms: int = Field(
-        2000, ge=1000, description="First wait before a nacked message comes back (ActiveMQ: >= 1 s)."
+        2000, ge=1000, description="First wait before a nacked message returns (ActiveMQ: >= 1 s)."
     )
     # The broker `eventindex broker start` runs.
     activemq_home: str = "/usr/share/activemq"
@@ -90,7 +90,6 @@ class BrokerSettings(Section):
 
 
 class ProducerSettings(Section):
-    chunk_rows: int = Field(65_536, ge=1024, description="Rows per record chunk in a .ei file.")
     transaction_messages: int = Field(
         1000, ge=1, description="Messages sent in one broker transaction (confirmed together)."
     )
@@ -107,6 +106,9 @@ class ConsumerSettings(Section):
         128 * 2**20, ge=1, description="Flush once this many message bytes are pending."
     )
     flush_seconds: float = Field(5.0, gt=0, description="Flush pending events at least this often.")
+    flush_idle_seconds: float = Field(
+        0.25, gt=0, description="Flush when no message came for this long."
+    )
 
 
 class WebServiceSettings(Section):

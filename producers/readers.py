@@ -16,6 +16,7 @@ Every reader returns a table with exactly ``EVENT_SCHEMA`` or raises
 
 from __future__ import annotations
 
+import csv
 import enum
 import re
 from pathlib import Path
@@ -139,6 +140,19 @@ def _csv_references(path: Path, column: pa.ChunkedArray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, structs, type=EVENT_SCHEMA.field("references").type)
 
 
+def _name_csv_column(path: Path, message: str) -> str:
+    """Arrow says ``CSV column #3``: say which field that is."""
+    match = re.search(r"CSV column #(\d+)", message)
+    if match is None:
+        return message
+    with path.open(newline="") as handle:
+        names = next(csv.reader(handle), [])
+    index = int(match.group(1))
+    if index >= len(names):
+        return message
+    return message.replace(match.group(0), f"CSV column #{index} ({names[index]!r})")
+
+
 def read_csv(path: Path) -> pa.Table:
     types: dict[str, pa.DataType] = {name: EVENT_SCHEMA.field(name).type for name in _SCALAR_FIELDS}
     types |= {name: pa.string() for name in (*TRIGGER_MASK_FIELDS, "references")}
@@ -154,7 +168,7 @@ def read_csv(path: Path) -> pa.Table:
             ),
         )
     except pa.ArrowInvalid as exc:
-        raise ValidationError(f"{path}: {exc}") from None
+        raise ValidationError(f"{path}: {_name_csv_column(path, str(exc))}") from None
     missing = [name for name in EVENT_SCHEMA.names if name not in table.column_names]
     if missing:
         raise ValidationError(f"{path}: missing column {missing[0]!r}")

@@ -13,10 +13,8 @@ one, never both, never neither). A failed job removes what it wrote.
 from __future__ import annotations
 
 import fnmatch
-import os
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -111,9 +109,7 @@ def plan_index(
 ) -> tuple[list[IndexTask], int]:
     """The master files to index (and how many already have an index and are skipped)."""
     datasets = [
-        d
-        for d in catalog.list_datasets(collection)
-        if fnmatch.fnmatchcase(d.name, dataset_pattern)
+        d for d in catalog.list_datasets(collection) if fnmatch.fnmatchcase(d.name, dataset_pattern)
     ]
     if not datasets:
         raise NotFoundError(f"no dataset matches {dataset_pattern!r}")
@@ -167,7 +163,7 @@ def index_file(task: IndexTask) -> IndexResult:
     )
 
 
-def _index_partition(tasks: Iterator[IndexTask]) -> Iterator[IndexResult]:
+def _index_partition(tasks: Iterable[IndexTask]) -> Iterable[IndexResult]:
     for task in tasks:
         yield index_file(task)
 
@@ -215,9 +211,7 @@ def run_index(
     catalog.add_tagfiles(list(entries.values()))
     committed: set[str] = set()
     try:
-        results = (
-            _spark_results(spark, tasks) if spark is not None else map(index_file, tasks)
-        )
+        results = _spark_results(spark, tasks) if spark is not None else map(index_file, tasks)
         for result in results:
             entry = catalog.commit_tagfile(
                 replace(
@@ -258,9 +252,3 @@ def _forget(catalog: Catalog, entries: Sequence[TagFile]) -> None:
             catalog.remove_tagfile(entry.file_id)
         except (EventIndexError, OSError):
             pass
-
-
-def python_for_workers() -> None:
-    """Spark's Python workers run this interpreter (with the project installed) unless
-    the user chose another one."""
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)

@@ -43,6 +43,7 @@ from eventindex.spatial.partition import (
     chunk_pieces,
     input_tables,
     normalize,
+    partition_children,
     partition_local,
 )
 from eventindex.storage import MapFileInfo, MapFileWriter, WriteOptions, write_mapfile
@@ -309,15 +310,23 @@ def partition_catalog(
     *,
     columns: Columns = DEFAULT_COLUMNS,
     spark: SparkSession | None = None,
+    director: str | None = None,
+    child_key: str | None = None,
 ) -> PartitionSummary:
     """Partition ``source`` (Parquet, CSV or a dataset) into ``<catalog_name>.<table>``,
-    on Spark when a session is given, else in this process."""
+    on Spark when a session is given, else in this process. With ``director`` (a
+    partitioned table) and ``child_key``, ``source`` is a child table: its rows go to
+    their object's chunk (in this process)."""
     options = WriteOptions(
         row_group_rows=settings.spatial.row_group_rows,
         compression=settings.mapfile.compression,
         compression_level=settings.mapfile.compression_level,
     )
     uris = dataset_uris(catalog, source)
+    if director is not None:
+        return _partition_children(
+            settings, catalog, source, catalog_name, table, director, child_key, options
+        )
     if spark is None:
         batches = input_tables(source, catalog)
         next_batch = next(batches, None)  # input errors surface before anything is created
@@ -343,3 +352,37 @@ def dataset_uris(catalog: Catalog, source: str) -> list[str] | None:
     if not uris:
         raise ValidationError(f"dataset {source!r} has no committed master files")
     return uris
+
+
+def _partition_children(
+    settings: Settings,
+    catalog: Catalog,
+    source: str,
+    catalog_name: str,
+    table: str,
+    director: str,
+    child_key: str | None,
+    options: WriteOptions,
+) -> PartitionSummary:
+    from eventindex.query.objects import ObjectCatalogs
+
+    if not child_key:
+        raise ValidationError("a child table needs --child-key, the column of its own id")
+    objects = ObjectCatalogs(catalog).table(director)
+    batches = input_tables(source, catalog)
+    first = next(batches, None)
+    writer = PartitionedWriter(
+        catalog,
+        settings.store.root,
+        catalog_name,
+        table,
+        objects.chunker,
+        options,
+        director=objects.name,
+        child_key=child_key,
+    )
+    chained = [] if first is None else itertools.chain([first], batches)
+    try:
+        return partition_children(chained, writer, objects.locate_many)
+    finally:
+        objects.close()

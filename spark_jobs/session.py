@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from eventindex.config import SparkSettings
@@ -11,6 +13,12 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
+def python_for_workers() -> None:
+    """Spark's Python workers run this interpreter (it has the project and pyarrow
+    installed) unless the user chose another with ``PYSPARK_PYTHON``."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
 def spark_session(settings: SparkSettings) -> SparkSession:
     """Get or create the session for ``settings.master`` (``local[*]`` by default, or
     any cluster URL), with every ``settings.conf`` entry passed through to Spark."""
@@ -18,6 +26,7 @@ def spark_session(settings: SparkSettings) -> SparkSession:
         from pyspark.sql import SparkSession
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         raise MissingExtraError("pyspark", "spark", "Spark jobs") from exc
+    python_for_workers()
     builder = SparkSession.builder.master(settings.master).appName(settings.app_name)
     for key, value in settings.conf.items():
         builder = builder.config(key, value)

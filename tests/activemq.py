@@ -14,26 +14,18 @@ ActiveMQ is not installed; mark them ``integration``.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from eventindex.cli.broker_cmd import ActiveMQProcess, free_port
 from eventindex.config import BrokerSettings
 
 ACTIVEMQ_JAR = Path(BrokerSettings().activemq_home) / "bin" / "activemq.jar"
 # Small, so the dead-letter tests need few round trips.
 TEST_MAX_REDELIVERIES = 2
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def isolated_broker_settings(data_dir: Path) -> BrokerSettings:
@@ -69,13 +61,9 @@ class RunningBroker:
         return self.settings.url
 
     def start(self) -> None:
-        from eventindex.cli.broker_cmd import ActiveMQProcess
-
         ActiveMQProcess(self.settings).start()
 
     def stop(self) -> None:
-        from eventindex.cli.broker_cmd import ActiveMQProcess
-
         ActiveMQProcess(self.settings).stop()
 
     def restart(self) -> None:
@@ -84,16 +72,35 @@ class RunningBroker:
         self.start()
 
 
+@dataclass
+class _SharedBroker:
+    """One broker per process however many test packages import the fixtures: each
+    import makes a fixture of its own, so they share this broker and the last one
+    torn down stops it."""
+
+    broker: RunningBroker | None = None
+    users: int = 0
+
+
+_SHARED = _SharedBroker()
+
+
 @pytest.fixture(scope="session")
 def activemq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
     if not ACTIVEMQ_JAR.exists():
         pytest.skip(f"ActiveMQ is not installed ({ACTIVEMQ_JAR} is missing)")
-    broker = RunningBroker(isolated_broker_settings(tmp_path_factory.mktemp("activemq")))
-    broker.start()
+    if _SHARED.broker is None:
+        broker = RunningBroker(isolated_broker_settings(tmp_path_factory.mktemp("activemq")))
+        broker.start()
+        _SHARED.broker = broker
+    _SHARED.users += 1
     try:
-        yield broker
+        yield _SHARED.broker
     finally:
-        broker.stop()
+        _SHARED.users -= 1
+        if _SHARED.users == 0:
+            _SHARED.broker.stop()
+            _SHARED.broker = None
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from webservice.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from webservice.problems import PROBLEM_MEDIA_TYPE, install_problem_handlers
 from webservice.routes import (
     admin,
+    consistency,
     datasets,
     events,
     files,
@@ -118,7 +119,7 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
         ],
     )
     install_problem_handlers(app)
-    for module in (events, files, datasets, triggers, queries, objects, admin, health):
+    for module in (events, files, datasets, consistency, triggers, queries, objects, admin, health):
         app.include_router(module.router)
     # Added last is outermost: the access log sees the 413s the body limit sends.
     app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_body_bytes)

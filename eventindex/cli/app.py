@@ -13,6 +13,7 @@ from eventindex.cli import (
     bench_cmd,
     broker_cmd,
     catalog_cmd,
+    check_cmd,
     config_cmd,
     consume_cmd,
     demo_cmd,
@@ -47,6 +48,7 @@ produce_cmd.register(app)
 consume_cmd.register(app)
 app.add_typer(spark_cmd.app, name="spark")
 app.add_typer(triggers_cmd.app, name="triggers")
+check_cmd.register(app)
 app.add_typer(query_cmd.app, name="query")
 app.add_typer(objects_cmd.app, name="objects")
 scan_cmd.register(app)

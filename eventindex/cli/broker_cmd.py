@@ -38,6 +38,14 @@ class BrokerError(EventIndexError):
     """The broker did not start, or did not stop."""
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (for brokers of tests and benchmarks)."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def stomp_answers(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether a STOMP server on ``host:port`` completes a CONNECT handshake."""
     frame = f"CONNECT\naccept-version:1.2\nhost:{host}\nheart-beat:0,0\n\n\0".encode()

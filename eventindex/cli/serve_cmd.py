@@ -105,7 +105,14 @@ def serve(
             min=0, max=65535, help="Port to listen on (default: the webservice.port setting)."
         ),
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes: one per core under load (picks are CPU-bound; each "
+            "worker holds its own file handles and key cache).",
+        ),
+    ] = 1,
     log_level: Annotated[
         LogLevel, typer.Option(help="Log level; access logs are at info.")
     ] = LogLevel.INFO,

@@ -30,9 +30,7 @@ if TYPE_CHECKING:
 
     from eventindex.config import Settings
 
-app = typer.Typer(
-    help="Run Spark jobs: trigger index, compaction, conversion.", no_args_is_help=True
-)
+app = typer.Typer(help="Run the Spark jobs, one command per job.", no_args_is_help=True)
 
 DatasetOption = Annotated[
     str, typer.Option("--dataset", "-d", help="Dataset name or glob pattern ('*.daq.RAW').")
@@ -51,8 +49,7 @@ def spark_of(settings: Settings, local: bool) -> Iterator[SparkSession | None]:
     if local:
         yield None
         return
-    from spark_jobs.indexer import python_for_workers
-    from spark_jobs.session import spark_session
+    from spark_jobs.session import python_for_workers, spark_session
 
     python_for_workers()
     session = spark_session(settings.spark)
@@ -116,6 +113,13 @@ def partition(
     id_column: Annotated[str, typer.Option(help="Column of the object id.")] = "object_id",
     ra_column: Annotated[str, typer.Option(help="Column of the right ascension.")] = "ra",
     dec_column: Annotated[str, typer.Option(help="Column of the declination.")] = "dec",
+    director: Annotated[
+        str | None,
+        typer.Option(help="A child table: partition rows by this table's director index."),
+    ] = None,
+    child_key: Annotated[
+        str | None, typer.Option(help="The child table's own id column (with --director).")
+    ] = None,
     local: LocalOption = False,
     output: OutputFormat = OutputOption,
 ) -> None:
@@ -126,9 +130,17 @@ def partition(
 
     settings = state(ctx).settings
     columns = Columns(id_column, ra_column, dec_column)
-    with catalog_of(settings) as catalog, spark_of(settings, local) as spark:
+    with catalog_of(settings) as catalog, spark_of(settings, local or bool(director)) as spark:
         summary = partition_catalog(
-            settings, catalog, source, catalog_name, table, columns=columns, spark=spark
+            settings,
+            catalog,
+            source,
+            catalog_name,
+            table,
+            columns=columns,
+            spark=spark,
+            director=director,
+            child_key=child_key,
         )
     print_summary(summary.to_dict(), output)
 

@@ -12,16 +12,18 @@ candidates are kept by exact angular distance, all vectorised.
 from __future__ import annotations
 
 import enum
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from eventindex.errors import ValidationError
+from eventindex.errors import StorageError, ValidationError
 from eventindex.query.objects import ObjectTable
 from eventindex.spatial.partition import OBJECT_ID, SUB_CHUNK_ID
 from eventindex.spatial.regions import Region, angular_separation
-from eventindex.storage import MapFileReader
+from eventindex.storage import resolve
 
 MATCH_SCHEMA = pa.schema(
     [
@@ -136,8 +138,12 @@ class ChunkTask:
 
 
 def _read_rows(uri: str) -> pa.Table:
-    with MapFileReader(uri) as reader:
-        return reader.read(_MATCH_COLUMNS)
+    # A whole-file read needs no key index: plain Parquet, the four columns only.
+    filesystem, path = resolve(uri)
+    try:
+        return pq.read_table(path, columns=_MATCH_COLUMNS, filesystem=filesystem)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"{uri}: cannot read: {exc}") from exc
 
 
 def match_task(task: ChunkTask, spec: MatchSpec, region: Region | None = None) -> pa.Table:
@@ -175,12 +181,20 @@ def plan_chunks(
 
 
 def crossmatch(
-    left: ObjectTable, right: ObjectTable, spec: MatchSpec, region: Region | None = None
+    left: ObjectTable,
+    right: ObjectTable,
+    spec: MatchSpec,
+    region: Region | None = None,
+    *,
+    threads: int = 4,
 ) -> pa.Table:
     """Every match (or the nearest one per left row) in this process, chunk by chunk,
     sorted by left id then distance."""
     check_match(left, right, spec)
-    pieces = [match_task(task, spec, region) for task in plan_chunks(left, right, region)]
+    tasks = plan_chunks(left, right, region)
+    # Parquet decoding and most of NumPy's work release the GIL: a few threads overlap I/O.
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pieces = list(pool.map(lambda task: match_task(task, spec, region), tasks))
     result = pa.concat_tables([MATCH_SCHEMA.empty_table(), *pieces])
     return result.sort_by(
         [("left_id", "ascending"), ("distance_arcsec", "ascending"), ("right_id", "ascending")]

@@ -54,7 +54,8 @@ def submit(
     table, plan = compile_query(catalog, sql, max_result_rows=settings.max_result_rows)
     record = registry.submit(sql, plan.table, submitter)
     # Only what the key index or known chunk positions answer: never a pass over data here.
-    answer_now = (plan.point_lookup or plan.cone is not None) and is_direct(
+    keyed = plan.point_lookup and table.key_ordered
+    answer_now = (keyed or plan.cone is not None) and is_direct(
         table, plan, settings.direct_max_units, read_positions=False
     )
     if not answer_now:
@@ -67,6 +68,9 @@ def submit(
         result = run_direct(table, plan, settings.max_result_rows, chosen)
     except SqlError as exc:
         registry.fail(record.id, str(exc), exc.code)
+        return registry.get(record.id)
+    except EventIndexError as exc:  # an unreadable file: the query fails, not the request
+        registry.fail(record.id, str(exc))
         return registry.get(record.id)
     path = write_result(result, settings.results_dir, record.id)
     registry.finish(

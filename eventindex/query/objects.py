@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -36,7 +37,7 @@ from eventindex.spatial.partition import (
     SUB_CHUNK_ID,
 )
 from eventindex.spatial.regions import Circle, Region, angular_separation
-from eventindex.storage import MapFileReader
+from eventindex.storage import QUERY_INDEX, MapFileReader
 
 DISTANCE_COLUMN = "distance_arcsec"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -123,6 +124,21 @@ class ObjectTable:
         if found is None:
             return None
         return int(found[CHUNK_ID]), int(found[SUB_CHUNK_ID])
+
+    def locate_many(self, object_ids: np.ndarray) -> tuple[IntArray, IntArray, np.ndarray]:
+        """(chunk ids, sub-chunk ids, found) of many objects, from the director index."""
+        ids = np.asarray(object_ids, dtype=np.int64)
+        chunk = np.zeros(len(ids), dtype=np.int64)
+        sub = np.zeros(len(ids), dtype=np.int64)
+        found = np.zeros(len(ids), dtype=bool)
+        keys = [(int(i),) for i in ids]
+        for entry in self._director:
+            answer = self.reader(entry).get_many(keys, [CHUNK_ID, SUB_CHUNK_ID])
+            where = answer.column(QUERY_INDEX).to_numpy()
+            chunk[where] = answer.column(CHUNK_ID).to_numpy()
+            sub[where] = answer.column(SUB_CHUNK_ID).to_numpy()
+            found[where] = True
+        return chunk, sub, found
 
     def get(self, object_id: int, columns: Sequence[str] | None = None) -> dict[str, Any] | None:
         """The object's row (every column, or ``columns``), or ``None``."""
@@ -222,7 +238,7 @@ class ObjectCatalogs:
         self._lock = threading.Lock()
 
     def _object_tables(self, collection: str | None = None) -> list[Dataset]:
-        tables = []
+        tables: list[Dataset] = []
         for coll in self.catalog.list_collections():
             if coll.kind is not RecordKind.OBJECTS or (collection and coll.name != collection):
                 continue
@@ -283,7 +299,8 @@ def cone(ra: float, dec: float, radius_arcsec: float) -> Circle:
     radius = float(radius_arcsec)
     if not (math.isfinite(radius) and 0.0 < radius <= 180.0 * 3600.0):
         raise SpatialError(f"radius must be in (0, 648000] arcseconds, not {radius_arcsec!r}")
-    return Circle(ra, dec, radius / 3600.0)
+    # A subnormal radius in arcsec underflows in degrees: keep it a (tiny) positive cone.
+    return Circle(ra, dec, max(radius / 3600.0, sys.float_info.min))
 
 
 __all__ = [

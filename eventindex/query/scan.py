@@ -39,7 +39,7 @@ from eventindex.config import QuerySettings
 from eventindex.errors import EventIndexError
 from eventindex.query.registry import QueryRecord, QueryRegistry, QueryState
 from eventindex.query.sql import QueryAccumulator, QueryPlan, SqlError, compile_query
-from eventindex.query.tables import ScanTable, TableUnit, position_ranges
+from eventindex.query.tables import Cone, ScanTable, TableUnit, position_ranges
 
 log = logging.getLogger("eventindex.scan")
 
@@ -53,15 +53,19 @@ def selected_units(
     A cone rules out units by their position ranges: from footer statistics, or
     (``read_positions``) from one cached read of the two columns.
     """
-    if plan.key_bounds is None and plan.cone is None:
+    bounds = plan.key_bounds if table.key_ordered else None
+    if bounds is None and plan.cone is None:
         return None
+    grid_chunks = _grid_chunks(table, plan.cone) if plan.cone is not None else {}
     chosen = []
     for index, unit in enumerate(table.units):
-        if plan.key_bounds is not None and not any(
-            unit.may_hold(low, high) for low, high in plan.key_bounds
-        ):
+        if bounds is not None and not any(unit.may_hold(low, high) for low, high in bounds):
             continue
-        if plan.cone is not None:
+        if unit.dataset in grid_chunks:
+            # The partitioning grid says which chunks the cone touches: no file is read.
+            if int(unit.part) not in grid_chunks[unit.dataset]:
+                continue
+        elif plan.cone is not None:
             ranges = position_ranges(
                 unit, plan.cone.ra_column, plan.cone.dec_column, read_data=read_positions
             )
@@ -71,19 +75,39 @@ def selected_units(
     return chosen
 
 
+def _grid_chunks(table: ScanTable, cone: Cone) -> dict[str, set[int]]:
+    """Chunk ids a cone touches in each spatially partitioned dataset of the table."""
+    if not table.grids:
+        return {}
+    try:
+        from eventindex.spatial.chunker import Chunker
+        from eventindex.spatial.regions import Circle
+    except ImportError:
+        return {}
+    touched: dict[str, set[int]] = {}
+    for dataset, attributes in table.grids.items():
+        try:
+            chunker = Chunker.from_parameters(dict(attributes))
+            chunks = Circle(cone.ra, cone.dec, cone.radius).sub_chunks(chunker)
+        except (EventIndexError, ValueError):
+            continue  # an unusable grid: fall back on position ranges
+        touched[dataset] = {int(c) for c in chunks}
+    return touched
+
+
 def is_direct(
     table: ScanTable, plan: QueryPlan, max_units: int, *, read_positions: bool = True
 ) -> bool:
     """Whether ``plan`` skips the scan: an exact key lookup, or a key range or cone
     that leaves at most ``max_units`` units."""
-    if plan.point_lookup:
+    if plan.point_lookup and table.key_ordered:
         return True
     chosen = selected_units(table, plan, read_positions=read_positions)
     return chosen is not None and len(chosen) <= max_units
 
 
 def _read_for(table: ScanTable, plan: QueryPlan, unit: TableUnit) -> pa.Table:
-    if plan.key_bounds is not None:
+    if plan.key_bounds is not None and table.key_ordered:
         return table.read_key_ranges(unit, plan.key_bounds, plan.columns)
     return table.read_unit(unit, plan.columns)
 

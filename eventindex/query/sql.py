@@ -23,7 +23,7 @@ answers the query.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,7 @@ class QueryPlan:
     cone: Cone | None = None
     point_lookup: bool = False
     output_types: dict[str, pa.DataType] = field(default_factory=dict)
+    row_mask: Callable[[pa.Table], Any] | None = None
 
     @property
     def aggregated(self) -> bool:
@@ -257,6 +258,38 @@ def _number(node: exp.Expression, what: str) -> float:
     return float(value)
 
 
+_TO_FLOAT64 = pc.CastOptions.safe(pa.float64())
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A WHERE condition in two equal forms: a ``pyarrow.compute`` expression (the plan
+    as Arrow states it) and a function computing the row mask of a table directly with
+    compute kernels, which skips the per-batch overhead of an expression scan."""
+
+    expression: pc.Expression
+    mask: Callable[[pa.Table], Any]
+
+    @classmethod
+    def column(cls, name: str) -> Condition:
+        return cls(pc.field(name), lambda table: table.column(name))
+
+    @classmethod
+    def value(cls, scalar: pa.Scalar) -> Condition:
+        return cls(pc.scalar(scalar), lambda _table: scalar)
+
+    @classmethod
+    def call(
+        cls, function: str, *arguments: Condition, options: pc.FunctionOptions | None = None
+    ) -> Condition:
+        expression = pc.Expression._call(function, [a.expression for a in arguments], options)
+
+        def mask(table: pa.Table) -> Any:
+            return pc.call_function(function, [a.mask(table) for a in arguments], options)
+
+        return cls(expression, mask)
+
+
 @dataclass
 class _KeyConstraints:
     """What the top-level AND of a WHERE says about key columns."""
@@ -358,15 +391,19 @@ class _Compiler:
         return pa.scalar(value, dtype)
 
     # -- WHERE
-    def predicate(self, node: exp.Expression) -> pc.Expression:
+    def predicate(self, node: exp.Expression) -> Condition:
         if isinstance(node, exp.Paren):
             return self.predicate(node.this)
         if isinstance(node, exp.And):
-            return self.predicate(node.this) & self.predicate(node.expression)
+            return Condition.call(
+                "and_kleene", self.predicate(node.this), self.predicate(node.expression)
+            )
         if isinstance(node, exp.Or):
-            return self.predicate(node.this) | self.predicate(node.expression)
+            return Condition.call(
+                "or_kleene", self.predicate(node.this), self.predicate(node.expression)
+            )
         if isinstance(node, exp.Not):
-            return ~self.predicate(node.this)
+            return Condition.call("invert", self.predicate(node.this))
         if isinstance(node, exp.EQ) and self._is_cone(node.this):
             return self._cone_equals(node.this, node.expression)
         if isinstance(node, exp.EQ) and self._is_cone(node.expression):
@@ -381,12 +418,18 @@ class _Compiler:
             if not values:
                 raise SqlError(f"IN needs at least one value for {column!r}", "syntax")
             value_set = pa.array([v.as_py() for v in values], type=values[0].type)
-            return pc.field(column).isin(value_set)
+            return Condition.call(
+                "is_in", Condition.column(column), options=pc.SetLookupOptions(value_set)
+            )
         if isinstance(node, exp.Between):
             column = self.column(node.this)
             low = self.bind(column, _literal(node.args["low"]))
             high = self.bind(column, _literal(node.args["high"]))
-            return (pc.field(column) >= low) & (pc.field(column) <= high)
+            return Condition.call(
+                "and_kleene",
+                Condition.call("greater_equal", Condition.column(column), Condition.value(low)),
+                Condition.call("less_equal", Condition.column(column), Condition.value(high)),
+            )
         if isinstance(node, exp.Column):
             column = self.column(node)
             if _category(self.types[column]) != "boolean":
@@ -394,11 +437,11 @@ class _Compiler:
                     f"column {column!r} ({self.types[column]}) is not a condition: compare it",
                     "type_error",
                 )
-            return pc.field(column)
+            return Condition.column(column)
         if isinstance(node, exp.Is):
             if not isinstance(node.expression, exp.Null):
                 raise SqlError("IS supports only IS NULL and IS NOT NULL")
-            return pc.field(self.column(node.this)).is_null()
+            return Condition.call("is_null", Condition.column(self.column(node.this)))
         if self._is_cone(node):
             if self._function_name(node) != "cone":
                 raise SqlError("scisql_s2PtInCircle(...) must be compared: = 1 or = 0")
@@ -416,7 +459,7 @@ class _Compiler:
     def _is_cone(self, node: exp.Expression) -> bool:
         return isinstance(node, exp.Anonymous) and self._function_name(node) in CONE_FUNCTIONS
 
-    def _comparison(self, node: exp.Expression) -> pc.Expression:
+    def _comparison(self, node: exp.Expression) -> Condition:
         function = _COMPARISONS[type(node)]
         left, right = node.this, node.expression
         if isinstance(left, exp.Column) and isinstance(right, exp.Column):
@@ -428,7 +471,7 @@ class _Compiler:
                     f"{second!r} ({self.types[second]})",
                     "type_error",
                 )
-            return pc.Expression._call(function, [pc.field(first), pc.field(second)])
+            return Condition.call(function, Condition.column(first), Condition.column(second))
         for side in (left, right):
             if isinstance(side, exp.Func) and not isinstance(side, exp.Column):
                 name = self._function_name(side)  # type: ignore[arg-type]
@@ -439,16 +482,16 @@ class _Compiler:
             left, right, function = right, left, _FLIPPED[function]
         column = self.column(left)
         value = self.bind(column, _literal(right))
-        return pc.Expression._call(function, [pc.field(column), value])
+        return Condition.call(function, Condition.column(column), Condition.value(value))
 
-    def _cone_equals(self, call: exp.Expression, other: exp.Expression) -> pc.Expression:
+    def _cone_equals(self, call: exp.Expression, other: exp.Expression) -> Condition:
         value = _literal(other)
         if value not in (0, 1) or isinstance(value, str):
             raise SqlError(f"{call.sql()} can only be compared with 1 (inside) or 0 (outside)")
         inside = self._cone(call)
-        return inside if value == 1 else ~inside
+        return inside if value == 1 else Condition.call("invert", inside)
 
-    def _cone(self, node: exp.Expression) -> pc.Expression:
+    def _cone(self, node: exp.Expression) -> Condition:
         args = list(node.expressions)
         if len(args) != 5:
             raise SqlError(
@@ -466,18 +509,37 @@ class _Compiler:
             raise SqlError(f"cone centre dec {dec0} is outside [-90, 90]", "type_error")
         if not 0.0 < radius <= 180.0:
             raise SqlError(f"cone radius {radius} is outside (0, 180] degrees", "type_error")
-        cone = Cone(ra_column, dec_column, ra0, dec0, radius)
-        self.cones.append(cone)
-        ra = pc.field(ra_column).cast(pa.float64())
-        dec = pc.field(dec_column).cast(pa.float64())
-        half_dec = pc.sin((dec - dec0) * (_DEG / 2.0))
-        half_ra = pc.sin((ra - ra0) * (_DEG / 2.0))
-        haversine = (
-            half_dec * half_dec + pc.cos(dec * _DEG) * math.cos(dec0 * _DEG) * half_ra * half_ra
+        self.cones.append(Cone(ra_column, dec_column, ra0, dec0, radius))
+        ra = Condition.call("cast", Condition.column(ra_column), options=_TO_FLOAT64)
+        dec = Condition.call("cast", Condition.column(dec_column), options=_TO_FLOAT64)
+
+        def number(x: float) -> Condition:
+            return Condition.value(pa.scalar(x, pa.float64()))
+
+        def times(a: Condition, b: Condition) -> Condition:
+            return Condition.call("multiply", a, b)
+
+        def half_sine(column: Condition, centre: float) -> Condition:
+            offset = Condition.call("subtract", column, number(centre))
+            return Condition.call("sin", times(offset, number(_DEG / 2.0)))
+
+        half_dec, half_ra = half_sine(dec, dec0), half_sine(ra, ra0)
+        cos_dec = Condition.call("cos", times(dec, number(_DEG)))
+        haversine = Condition.call(
+            "add",
+            times(half_dec, half_dec),
+            times(times(cos_dec, number(math.cos(dec0 * _DEG))), times(half_ra, half_ra)),
         )
         limit = math.sin(radius * _DEG / 2.0) ** 2
         # The declination band is cheap and rules out most rows before the trigonometry.
-        return (dec >= dec0 - radius) & (dec <= dec0 + radius) & (haversine <= limit)
+        band = Condition.call(
+            "and_kleene",
+            Condition.call("greater_equal", dec, number(dec0 - radius)),
+            Condition.call("less_equal", dec, number(dec0 + radius)),
+        )
+        return Condition.call(
+            "and_kleene", band, Condition.call("less_equal", haversine, number(limit))
+        )
 
     def key_constraints(self, node: exp.Expression | None) -> _KeyConstraints:
         found = _KeyConstraints()
@@ -610,7 +672,7 @@ class _Compiler:
                         f"column {out.column!r} must be in GROUP BY or inside an aggregate"
                     )
         where = tree.args.get("where")
-        expression = self.predicate(where.this) if where is not None else None
+        condition = self.predicate(where.this) if where is not None else None
         order_by = self._order_by(tree, outputs)
         limit = self._limit(tree)
         constraints = self.key_constraints(where.this if where is not None else None)
@@ -621,7 +683,8 @@ class _Compiler:
             sql=sql,
             table=name,
             columns=tuple(self.used),
-            filter=expression,
+            filter=None if condition is None else condition.expression,
+            row_mask=None if condition is None else condition.mask,
             outputs=tuple(outputs),
             group_by=tuple(group_by),
             order_by=order_by,
@@ -755,8 +818,8 @@ class QueryAccumulator:
         self.rows_seen += table.num_rows
         # Only this query's columns: filtering copies every column of the table it is given.
         table = table.select(list(self.plan.columns))
-        if self.plan.filter is not None and table.num_rows:
-            table = table.filter(self.plan.filter)
+        if self.plan.row_mask is not None and table.num_rows:
+            table = table.filter(self.plan.row_mask(table))
         if self.plan.aggregated:
             self._add_partial(table)
         else:

@@ -19,8 +19,8 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -81,6 +81,14 @@ class ScanTable:
     schema: pa.Schema
     units: tuple[TableUnit, ...]
     virtual_dataset: bool
+    # Partitioning parameters (``spatial.*`` attributes) of each chunked dataset.
+    grids: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @property
+    def key_ordered(self) -> bool:
+        """Whether every unit is a map-file of the collection key, so key ranges prune
+        units and the key index reads them (chunk files sorted by sub-chunk are not)."""
+        return all(len(unit.key_min) == len(self.key) for unit in self.units)
 
     @property
     def rows(self) -> int:
@@ -198,6 +206,12 @@ def _resolve(catalog: Catalog, name: str) -> ScanTable:
     virtual = DATASET_COLUMN not in schema.names
     if virtual:
         schema = schema.append(pa.field(DATASET_COLUMN, pa.string(), nullable=False))
+    chunked = {u.dataset for u in units if u.part}
+    grids = {
+        d.name: dict(d.attributes)
+        for d in datasets
+        if d.name in chunked and any(k.startswith("spatial.") for k in d.attributes)
+    }
     return ScanTable(
         name=name,
         collection=collection.name,
@@ -206,6 +220,7 @@ def _resolve(catalog: Catalog, name: str) -> ScanTable:
         schema=schema,
         units=tuple(units),
         virtual_dataset=virtual,
+        grids=grids,
     )
 
 

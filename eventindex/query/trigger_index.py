@@ -74,7 +74,9 @@ def mask_matrix(column: pa.Array | pa.ChunkedArray) -> UInt8Matrix:
     if column.null_count:
         raise ValueError(f"trigger mask column has {column.null_count} null values")
     _, offsets_buffer, data_buffer = column.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[column.offset : column.offset + rows + 1]
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int32)[
+        column.offset : column.offset + rows + 1
+    ]
     data = (
         np.frombuffer(data_buffer, dtype=np.uint8)
         if data_buffer is not None
@@ -244,7 +246,8 @@ class LoadedIndex:
     def __init__(self, table: pa.Table) -> None:
         keys = [table.column(name).to_numpy() for name in INDEX_KEY]
         self._position: dict[IndexKey, int] = {
-            (int(r), int(s), int(m), int(b)): i for i, (r, s, m, b) in enumerate(zip(*keys))
+            (int(r), int(s), int(m), int(b)): i
+            for i, (r, s, m, b) in enumerate(zip(*keys, strict=True))
         }
         self._serialized = table.column("bitmap").combine_chunks()
         self._bitmaps: dict[int, BitMap] = {}
@@ -256,7 +259,7 @@ class LoadedIndex:
             if key[2] == EVENTS_MASK
         }
 
-    def bitmap(self, run_number: int, smk: int, mask: int, bit: int) -> BitMap:
+    def bitmap(self, run_number: int, smk: int, mask: int, bit: int) -> BitMap | FrozenBitMap:
         position = self._position.get((run_number, smk, mask, bit))
         if position is None:
             return _EMPTY
@@ -266,7 +269,7 @@ class LoadedIndex:
             self._bitmaps[position] = bitmap
         return bitmap
 
-    def events(self, run_number: int, smk: int) -> BitMap:
+    def events(self, run_number: int, smk: int) -> BitMap | FrozenBitMap:
         return self.bitmap(run_number, smk, EVENTS_MASK, 0)
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyroaring import BitMap
+from pyroaring import BitMap, FrozenBitMap
 
 from catalog.base import Catalog
 from catalog.model import FileKind, TagFile
@@ -46,6 +46,8 @@ from eventindex.records.schema import TriggerMenu
 from eventindex.storage import MapFileReader
 
 RUN_NUMBER_MAX = 2**32 - 1
+AnyBitMap = BitMap | FrozenBitMap
+_NONE = FrozenBitMap()
 L1_MASKS = {"TBP": "l1_tbp", "TAP": "l1_tap", "TAV": "l1_tav"}
 
 
@@ -212,10 +214,10 @@ class _Parser:
             self.depth -= 1
             closing = self._peek()
             if closing.kind != "close":
+                found = "the end" if closing.kind == "end" else repr(closing.text)
                 raise TriggerExpressionError(
                     f"missing ')' for the '(' at position {token.position} of the trigger "
-                    f"expression (found {'the end' if closing.kind == 'end' else repr(closing.text)}"
-                    f" at position {closing.position})",
+                    f"expression (found {found} at position {closing.position})",
                     closing.text,
                     closing.position,
                 )
@@ -436,7 +438,9 @@ class _Leaf:
     bit: int
 
 
-def _evaluate(expression: Expression, leaf: Callable[[TriggerName], BitMap], universe: BitMap) -> BitMap:
+def _evaluate(
+    expression: Expression, leaf: Callable[[TriggerName], AnyBitMap], universe: AnyBitMap
+) -> AnyBitMap:
     if isinstance(expression, TriggerName):
         return leaf(expression)
     if isinstance(expression, Not):
@@ -452,6 +456,20 @@ def _evaluate(expression: Expression, leaf: Callable[[TriggerName], BitMap], uni
     if negative:
         result = result - BitMap.union(*negative)
     return result
+
+
+def _leaf_reader(
+    loaded: LoadedIndex, run_number: int, smk: int, leaves: dict[TriggerName, _Leaf | None]
+) -> Callable[[TriggerName], AnyBitMap]:
+    """The bitmap of each trigger name in one (run, SMK) group of one file."""
+
+    def leaf(name: TriggerName) -> AnyBitMap:
+        found = leaves[name]
+        if found is None:
+            return _NONE
+        return loaded.bitmap(run_number, smk, found.mask, found.bit)
+
+    return leaf
 
 
 @dataclass
@@ -567,9 +585,7 @@ class TriggerIndex:
                 self._cached_bytes -= dropped.nbytes
         return loaded
 
-    def _groups(
-        self, scope: _Scope
-    ) -> Iterable[tuple[TagFile, LoadedIndex, int, int]]:
+    def _groups(self, scope: _Scope) -> Iterable[tuple[TagFile, LoadedIndex, int, int]]:
         """(master, loaded index, run, SMK) of every group in the scope's run range."""
         for master, index in scope.files:
             loaded = self._load(master, index)
@@ -635,12 +651,7 @@ class TriggerIndex:
             leaves = resolve(master, run_number, smk)
             universe = loaded.events(run_number, smk)
 
-            def leaf(name: TriggerName) -> BitMap:
-                found = leaves[name]
-                if found is None:
-                    return BitMap()
-                return loaded.bitmap(run_number, smk, found.mask, found.bit)  # noqa: B023
-
+            leaf = _leaf_reader(loaded, run_number, smk, leaves)
             passed = len(_evaluate(parsed, leaf, universe))
             run = answer.runs.setdefault(run_number, RunCount(run_number, smk))
             run.events += len(universe)
@@ -681,12 +692,7 @@ class TriggerIndex:
             leaves = resolve(master, run_number, smk)
             universe = loaded.events(run_number, smk)
 
-            def leaf(name: TriggerName) -> BitMap:
-                found = leaves[name]
-                if found is None:
-                    return BitMap()
-                return loaded.bitmap(run_number, smk, found.mask, found.bit)  # noqa: B023
-
+            leaf = _leaf_reader(loaded, run_number, smk, leaves)
             bitmaps = [_evaluate(p, leaf, universe) for p in parsed]
             answer.events += len(universe)
             for i, left in enumerate(bitmaps):

@@ -198,7 +198,7 @@ class Chunker:
         stripes = np.repeat(np.arange(self.num_stripes), self.chunks_per_stripe)
         starts = np.cumsum(self.chunks_per_stripe) - self.chunks_per_stripe
         columns = np.arange(len(stripes)) - np.repeat(starts, self.chunks_per_stripe)
-        return 2 * self.num_stripes * stripes + columns  # type: ignore[no-any-return]
+        return 2 * self.num_stripes * stripes + columns
 
     def stripe_of(self, chunk_id: int) -> int:
         return chunk_id // (2 * self.num_stripes)
@@ -217,7 +217,7 @@ class Chunker:
         row_of = np.repeat(rows, counts)
         starts = np.cumsum(counts) - counts
         column = np.arange(len(row_of)) - np.repeat(starts, counts)
-        return row_of * self.max_sub_chunks_per_chunk + column  # type: ignore[no-any-return]
+        return row_of * self.max_sub_chunks_per_chunk + column
 
     # -- locating ----------------------------------------------------------
     def _cells(self, ra: FloatArray, dec: FloatArray) -> tuple[IntArray, IntArray]:

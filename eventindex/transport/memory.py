@@ -187,6 +187,24 @@ class MemoryBroker:
                 )
             self._refill(subscription)
 
+    def commit(
+        self,
+        acks: list[tuple[_Subscription, str]],
+        sends: list[tuple[str, bytes, dict[str, str]]],
+    ) -> None:
+        """Apply a transaction's acks and sends at once, or none if an ack is invalid."""
+        with self._lock:
+            for subscription, message_id in acks:
+                if message_id not in subscription.inflight:
+                    raise TransportError(
+                        f"cannot commit: {message_id} is not delivered to subscription "
+                        f"{subscription.subscription_id} or already acknowledged"
+                    )
+            for subscription, message_id in acks:
+                self.ack(subscription, message_id)
+            for destination, body, headers in sends:
+                self.publish(destination, body, headers)
+
     def nack(self, subscription: _Subscription, message_id: str) -> None:
         with self._lock:
             stored = subscription.inflight.pop(message_id, None)
@@ -389,10 +407,8 @@ class MemoryTransport(Transport):
             work = self._transactions.pop(transaction, None)
         if work is None:
             raise TransportError(f"no open transaction {transaction!r}")
-        for message in work.acks:
-            self.broker.ack(self._subscription_of(message), message.ack_id)
-        for destination, body, headers in work.sends:
-            self.broker.publish(destination, body, headers)
+        acks = [(self._subscription_of(message), message.ack_id) for message in work.acks]
+        self.broker.commit(acks, work.sends)
 
     def abort(self, transaction: str) -> None:
         self._require_connected()

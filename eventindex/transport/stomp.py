@@ -22,6 +22,8 @@ import contextlib
 import itertools
 import logging
 import queue
+import socket
+import ssl
 import threading
 import time
 import uuid
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import stomp
+import stomp.protocol
 from stomp.exception import ConnectFailedException, StompException
 
 from eventindex.config import BrokerSettings
@@ -134,6 +137,7 @@ class StompTransport(Transport):
         self._up = threading.Event()
         self._reconnect_needed = threading.Event()
         self._closing = False
+        self._opened = False
         self._reconnector: threading.Thread | None = None
         self._subscriptions: dict[str, _Subscribed] = {}
         self._subscription_ids = itertools.count(1)
@@ -155,6 +159,7 @@ class StompTransport(Transport):
             self._closing = False
             self._reconnect_needed.clear()
         self._open()
+        self._opened = True
         if self._reconnector is None or not self._reconnector.is_alive():
             self._reconnector = threading.Thread(
                 target=self._reconnect_loop, name="stomp-reconnector", daemon=True
@@ -239,6 +244,8 @@ class StompTransport(Transport):
                     return
                 self._reconnect_needed.clear()
                 stale, self._connection = self._connection, None
+                # Retire its generation first: closing it must not ask for yet another reconnection.
+                self._generation += 1
             if stale is not None:
                 _drop(stale)
             try:
@@ -253,6 +260,7 @@ class StompTransport(Transport):
     def close(self) -> None:
         with self._lock:
             self._closing = True
+            self._opened = False
             connection, self._connection = self._connection, None
             self._up.clear()
             self._subscriptions.clear()
@@ -260,7 +268,7 @@ class StompTransport(Transport):
             self._reconnect_needed.set()
         if connection is not None and connection.is_connected():
             try:
-                self._request(connection, lambda receipt: connection.disconnect(receipt=receipt))
+                self._request(connection, lambda receipt: _send_disconnect(connection, receipt))
             except TransportError as exc:
                 log.debug("disconnect not confirmed: %s", exc)
         if connection is not None:
@@ -334,7 +342,9 @@ class StompTransport(Transport):
                     return self._connection, self._generation
 
     def _require_connected(self) -> None:
-        if self._closing or (self._connection is None and not self._up.is_set()):
+        # Between a lost connection and the next one, calls wait or are dropped as
+        # documented; only a transport never connected, or closed, refuses.
+        if self._closing or not self._opened:
             raise TransportError(f"not connected to {self.description}")
 
     def _reconnect_wait_s(self) -> float:
@@ -525,6 +535,12 @@ def _sender(
     return send
 
 
+def _send_disconnect(connection: stomp.Connection12, receipt: str) -> None:
+    # The protocol's DISCONNECT only: the connection's own disconnect() then waits,
+    # unbounded, for the receiver thread to end.
+    stomp.protocol.Protocol12.disconnect(connection, receipt=receipt)
+
+
 def _transmit(connection: stomp.Connection12, transmit: Callable[[], None]) -> None:
     try:
         transmit()
@@ -536,6 +552,12 @@ def _drop(connection: stomp.Connection12) -> None:
     """Close a connection's socket and stop its threads, whatever state it is in."""
     transport = connection.transport
     transport.running = False
+    tls_socket = getattr(transport, "socket", None)
+    if isinstance(tls_socket, ssl.SSLSocket):
+        # stomp.py would wait, unbounded, for the peer's TLS close_notify: a broker that
+        # is gone never sends it. The DISCONNECT receipt already ended the session.
+        with contextlib.suppress(OSError):
+            tls_socket.shutdown(socket.SHUT_RDWR)
     try:
         transport.disconnect_socket()
     except (OSError, StompException) as exc:

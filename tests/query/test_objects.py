@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from eventindex.errors import NotFoundError
@@ -112,3 +113,48 @@ def test_two_catalogs_need_a_name(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="several object catalogs"):
         ObjectCatalogs(done.catalog).table(None)
     assert ObjectCatalogs(done.catalog).table("other").rows == 100
+
+
+def test_child_rows_follow_their_object(partitioned: Partitioned, table: ObjectTable) -> None:
+    from catalog.model import FileKind
+    from eventindex.errors import ValidationError
+    from eventindex.spatial.partition import PartitionedWriter, partition_children
+    from tests.spatial.partition_data import GRID, OPTIONS, read_kind
+
+    parents = partitioned.table["object_id"].to_numpy()[:500]
+    children = pa.table(
+        {
+            "source_id": np.arange(1000, dtype=np.int64),
+            "object_id": np.repeat(parents, 2),
+            "flux": np.linspace(0.0, 1.0, 1000),
+        }
+    )
+    writer = PartitionedWriter(
+        partitioned.catalog,
+        partitioned.store,
+        "sky",
+        "Source",
+        GRID,
+        OPTIONS,
+        director="sky.Object",
+        child_key="source_id",
+    )
+    summary = partition_children([children], writer, table.locate_many)
+    assert summary.rows == 1000
+    files = read_kind(partitioned.catalog, "sky.Source", FileKind.CHUNK)
+    for part, piece in files.items():
+        for oid, chunk_id, sub in zip(
+            piece["object_id"].to_pylist(),
+            piece["chunk_id"].to_pylist(),
+            piece["sub_chunk_id"].to_pylist(),
+            strict=True,
+        ):
+            assert table.locate(oid) == (chunk_id, sub) and chunk_id == int(part)
+    assert sorted(pa.concat_tables(files.values())["source_id"].to_pylist()) == list(range(1000))
+    orphan = children.set_column(1, "object_id", pa.array(np.full(1000, 1, dtype=np.int64)))
+    other = PartitionedWriter(
+        partitioned.catalog, partitioned.store, "sky", "Orphans", GRID, OPTIONS,
+        director="sky.Object", child_key="source_id",
+    )  # fmt: skip
+    with pytest.raises(ValidationError, match="object_id 1 of a child row is not in the director"):
+        partition_children([orphan], other, table.locate_many)

@@ -234,3 +234,34 @@ def test_dotted_and_quoted_table_names() -> None:
     name = "data15_13TeV.00284484.physics_Main.daq.RAW"
     assert parse_sql(f'SELECT a FROM "{name}"')[0] == name
     assert math.isfinite(1.0)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "lumi_block IN (1, 2) OR NOT (bcid BETWEEN 100 AND 2000)",
+        "is_simulation OR (bcid > lumi_block AND timestamp_ns <= 500000000)",
+        "NOT (mc_event_weight IS NULL) AND bcid < 1800 AND run_number <> 7",
+    ],
+)
+def test_the_expression_and_the_row_mask_agree(stores: QueryStores, where: str) -> None:
+    table, plan = compile_query(
+        stores.catalog, f"SELECT event_number FROM {EVENTS} WHERE {where}", max_result_rows=10
+    )
+    assert plan.filter is not None and plan.row_mask is not None
+    data = table.read_unit(table.units[0], plan.columns)
+    by_expression = data.filter(plan.filter)
+    assert 0 < by_expression.num_rows < data.num_rows
+    assert by_expression.equals(data.filter(plan.row_mask(data)))
+
+
+def test_the_cone_expression_and_mask_agree(stores: QueryStores) -> None:
+    table, plan = compile_query(
+        stores.catalog,
+        f"SELECT object_id FROM {OBJECT_COLLECTION} WHERE CONE(ra, dec, 50, 30, 20)",
+        max_result_rows=10,
+    )
+    assert plan.filter is not None and plan.row_mask is not None
+    data = table.read_unit(table.units[0], plan.columns)
+    assert data.filter(plan.filter).equals(data.filter(plan.row_mask(data)))
+    assert data.filter(plan.filter).num_rows > 0

@@ -46,7 +46,10 @@ def test_precedence_not_binds_tighter_than_and_than_or() -> None:
         )
     )
     assert parse_expression("!(A | B) && C") == And(
-        (Not(Or((TriggerName("A", None, 3), TriggerName("B", None, 7)))), TriggerName("C", None, 13))
+        (
+            Not(Or((TriggerName("A", None, 3), TriggerName("B", None, 7)))),
+            TriggerName("C", None, 13),
+        )
     )
 
 
@@ -120,7 +123,9 @@ def test_rows_of_one_run_need_not_be_contiguous() -> None:
         {
             "run_number": pa.array([1, 2, 1, 2], pa.uint32()),
             "smk": pa.array([7, 8, 7, 8], pa.uint32()),
-            **{name: pa.array([b"\x01", b"\x03", b"\x02", b"\x00"]) for name in TRIGGER_MASK_FIELDS},
+            **{
+                name: pa.array([b"\x01", b"\x03", b"\x02", b"\x00"]) for name in TRIGGER_MASK_FIELDS
+            },
         }
     )
     loaded = LoadedIndex(build_trigger_index(table))
@@ -198,7 +203,9 @@ def test_counts_equal_a_per_row_evaluation(indexed: GeneratedStore) -> None:
         expected_total += expected
     assert answer.passed == expected_total
     assert answer.files == 2 and answer.unindexed_files == 0
-    one_run = index.count(expression, dataset="*.daq.RAW", run_min=store.spec.first_run, run_max=store.spec.first_run)
+    one_run = index.count(
+        expression, dataset="*.daq.RAW", run_min=store.spec.first_run, run_max=store.spec.first_run
+    )
     assert one_run.passed == answer.runs[store.spec.first_run].passed
     assert list(one_run.runs) == [store.spec.first_run]
 
@@ -215,7 +222,9 @@ def test_overlap_matrix_is_pairwise_intersections(indexed: GeneratedStore) -> No
     assert answer.events == sum(t.num_rows for t in tables)
 
 
-def test_unindexed_files_give_the_same_answers(store: GeneratedStore, indexed: GeneratedStore) -> None:
+def test_unindexed_files_give_the_same_answers(
+    store: GeneratedStore, indexed: GeneratedStore
+) -> None:
     a, b = _common_triggers(store, "HLT", 2)
     indexes = store.catalog.list_tagfiles(kinds=[FileKind.INDEX])
     index = TriggerIndex(store.catalog)
@@ -236,7 +245,7 @@ def test_unknown_trigger_and_dataset_are_named(indexed: GeneratedStore) -> None:
     index = TriggerIndex(indexed.catalog)
     with pytest.raises(TriggerExpressionError, match="unknown trigger 'HLT_nope' at position 12"):
         index.count("L1_XE50 OR HLT_nope", dataset="*")
-    with pytest.raises(NotFoundError, match="no dataset matches 'nothing.\\*'"):
+    with pytest.raises(NotFoundError, match=r"no dataset matches 'nothing\.\*'"):
         index.count("L1_XE50", dataset="nothing.*")
     with pytest.raises(TriggerExpressionError, match="applies to L1 items only"):
         hlt = _common_triggers(indexed, "HLT", 1)[0]
@@ -247,15 +256,21 @@ def test_a_run_without_its_menu_is_a_clear_error(indexed: GeneratedStore, tmp_pa
     store = indexed
     table = store.tables[store.dataset(store.spec.first_run, "RAW")]
     orphan_run = 999_999
-    table = table.set_column(0, "run_number", pa.array(np.full(table.num_rows, orphan_run), pa.uint32()))
     table = table.set_column(
-        table.schema.get_field_index("smk"), "smk", pa.array(np.full(table.num_rows, 7), pa.uint32())
+        0, "run_number", pa.array(np.full(table.num_rows, orphan_run), pa.uint32())
+    )
+    table = table.set_column(
+        table.schema.get_field_index("smk"),
+        "smk",
+        pa.array(np.full(table.num_rows, 7), pa.uint32()),
     )
     dataset = Dataset(name="menuless.RAW", collection=store.spec.collection, format="RAW")
     store.catalog.create_dataset(dataset)
     store.writer.write(table, dataset)
     index = TriggerIndex(store.catalog)
-    with pytest.raises(TriggerMenuMissingError, match="SMK 7, needed by run 999999 .dataset menuless.RAW"):
+    with pytest.raises(
+        TriggerMenuMissingError, match=r"SMK 7, needed by run 999999 \(dataset menuless\.RAW"
+    ):
         index.count("L1_XE50", dataset="menuless.*")
     # Other runs are unaffected.
     assert index.count("L1_XE50", dataset="*.daq.RAW").events > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import json
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,7 +46,7 @@ def messages_of(table: pa.Table, target: int = 6_000, version: int = 2) -> list[
     return [payload for _, payload in encode_message_batches(table, template, target)]
 
 
-def one_by_one(payloads: list[bytes]) -> pa.Table:
+def one_by_one(payloads: Sequence[bytes | str]) -> pa.Table:
     return pa.concat_tables([decode_events(payload)[1] for payload in payloads])
 
 
@@ -122,7 +123,7 @@ def test_keys_checked_in_bulk_refuse_exactly_the_messages_decode_events_refuses(
     in_two_runs = packed(
         plain(run_number={"r": [1, 10, 2, 10]}, event_number=duplicate), ["event_number"]
     )
-    payloads = [
+    payloads: list[str | bytes] = [
         json.dumps(packed(plain(event_number=events), ["event_number"])),  # increasing
         json.dumps(packed(plain(event_number=duplicate), ["event_number"])),  # refused
         json.dumps(packed(plain(event_number=shifted[::-1]), ["event_number"])),  # decreasing
@@ -296,3 +297,53 @@ def test_a_message_header_is_unchanged_by_the_batch_api() -> None:
     assert dataclasses.asdict(decode_messages([VALID]).headers[0]) == dataclasses.asdict(
         decode_events(VALID)[0]
     )
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ({"w": 3, "k": "AQID="}, "constant mask: bad base64: padding after a whole group"),
+        ({"w": 3, "k": "AQ!D"}, "constant mask: bad base64: Only base64 data is allowed"),
+    ],
+)
+def test_base64_is_strict_about_padding_after_a_whole_group(spec: Any, reason: str) -> None:
+    with pytest.raises(MessageError) as error:
+        decode_events(json.dumps(plain(l1_tbp=spec)))
+    assert (error.value.field, error.value.row) == ("l1_tbp", None)
+    assert error.value.reason == reason
+
+
+def uniform_message(seed: int, bad_index_at: int | None = None, in_block: bool = False) -> bytes:
+    """20 events of two references each (the layout whose references are built in bulk),
+    optionally with slot 1's GUID index at row ``bad_index_at`` beyond the table."""
+    table = make_events(20, references=2, seed=seed, event_base=1000 * seed)
+    doc = orjson.loads(encode_events(table, make_header(20, message_id=f"u{seed}", version=1)))
+    doc["v"] = 2  # the plain layout is valid version 2
+    assert doc["c"]["references"]["n"] == 2
+    if bad_index_at is not None:
+        slot = doc["c"]["references"]["s"][1]
+        slot["g"][bad_index_at] = len(doc["c"]["references"]["g"])
+    return orjson.dumps(packed(doc, [], slots=["1.g"]) if in_block else doc)
+
+
+@needs_zstd
+@pytest.mark.parametrize("in_block", [False, True])
+def test_guid_indices_checked_in_bulk_refuse_exactly_the_bad_messages(in_block: bool) -> None:
+    payloads = [
+        uniform_message(1, in_block=in_block),
+        uniform_message(2, bad_index_at=7, in_block=in_block),
+        uniform_message(3, in_block=in_block),
+        uniform_message(4, bad_index_at=19, in_block=in_block),
+    ]
+    result = decode_messages(payloads)
+    assert result.accepted == [0, 2]
+    assert [(i, e.field, e.row) for i, e in result.errors] == [
+        (1, "references", 7),
+        (3, "references", 19),
+    ]
+    for index, error in result.errors:
+        with pytest.raises(MessageError) as expected:
+            decode_events(payloads[index])
+        assert error.reason == expected.value.reason
+        assert error.reason.startswith("slot 1: guid index ")
+    assert result.table.equals(one_by_one([payloads[0], payloads[2]]))

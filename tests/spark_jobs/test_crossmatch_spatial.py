@@ -16,7 +16,7 @@ from eventindex.query.crossmatch import MatchMode, MatchSpec
 from eventindex.spatial.partition import PartitionedWriter, partition_local
 from tests.query.test_objects_crossmatch import brute, catalogs
 from tests.spark_session import spark  # noqa: F401  (the shared session fixture)
-from tests.spatial.partition_data import GRID, OPTIONS
+from tests.spatial.partition_data import OPTIONS, SPARK_GRID
 
 pytestmark = pytest.mark.spark
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -28,10 +28,10 @@ def test_spark_crossmatch_matches_brute_force(spark: Any, tmp_path: Path) -> Non
     catalog = SQLiteCatalog(str(tmp_path / "c.sqlite"))
     left, right = catalogs(800, 9)
     partition_local(
-        [left], PartitionedWriter(catalog, str(tmp_path / "s"), "l", "O", GRID, OPTIONS)
+        [left], PartitionedWriter(catalog, str(tmp_path / "s"), "l", "O", SPARK_GRID, OPTIONS)
     )
     partition_local(
-        [right], PartitionedWriter(catalog, str(tmp_path / "s"), "r", "O", GRID, OPTIONS)
+        [right], PartitionedWriter(catalog, str(tmp_path / "s"), "r", "O", SPARK_GRID, OPTIONS)
     )
     spec = MatchSpec(900.0, MatchMode.ALL)
     summary = run_crossmatch(catalog, "l", "r", spec, str(tmp_path / "out"), spark=spark)
@@ -44,4 +44,4 @@ def test_spark_crossmatch_matches_brute_force(spark: Any, tmp_path: Path) -> Non
     with pytest.raises(ValidationError, match="exists already"):
         run_crossmatch(catalog, "l", "r", spec, str(tmp_path / "out"), spark=spark)
     with pytest.raises(ValidationError, match="exceeds the overlap"):
-        run_crossmatch(catalog, "l", "r", MatchSpec(3600.0), str(tmp_path / "x"), spark=spark)
+        run_crossmatch(catalog, "l", "r", MatchSpec(3601.0), str(tmp_path / "x"), spark=spark)

@@ -18,7 +18,7 @@ from catalog.verify import verify_catalog
 from eventindex.errors import ValidationError
 from eventindex.spatial.partition import PartitionedWriter
 from tests.spark_session import spark  # noqa: F401  (the shared session fixture)
-from tests.spatial.partition_data import GRID, OPTIONS, object_table, partition, read_kind
+from tests.spatial.partition_data import OPTIONS, SPARK_GRID, object_table, partition, read_kind
 
 pytestmark = pytest.mark.spark
 # Spark's Python workers must run this interpreter (set before the shared session starts).
@@ -36,11 +36,11 @@ def test_spark_partition_matches_local(spark: Any, tmp_path: Path) -> None:  # n
     source = tmp_path / "objects.parquet"
     pq.write_table(table, source)
     (tmp_path / "local").mkdir()
-    local = partition(tmp_path / "local", table)
+    local = partition(tmp_path / "local", table, grid=SPARK_GRID)
 
     catalog = SQLiteCatalog(str(tmp_path / "spark.sqlite"))
     writer = PartitionedWriter(
-        catalog, str(tmp_path / "spark-store"), "sky", "Object", GRID, OPTIONS
+        catalog, str(tmp_path / "spark-store"), "sky", "Object", SPARK_GRID, OPTIONS
     )
     summary = run_partition(spark, read_input(spark, str(source)), writer, director_partitions=2)
     assert summary.rows == 3000
@@ -57,7 +57,8 @@ def test_spark_partition_matches_local(spark: Any, tmp_path: Path) -> None:  # n
         read_kind(local.catalog, "sky.Object", FileKind.DIRECTOR).values()
     )
     assert merged.to_pydict() == local_director.sort_by("object_id").to_pydict()
-    assert verify_catalog(catalog, str(tmp_path / "spark-store")).ok
+    report = verify_catalog(catalog, str(tmp_path / "spark-store"))
+    assert report.ok(strict=True), report.problems
 
 
 def test_spark_partition_refuses_bad_input(spark: Any, tmp_path: Path) -> None:  # noqa: F811
@@ -70,7 +71,9 @@ def test_spark_partition_refuses_bad_input(spark: Any, tmp_path: Path) -> None: 
     source = tmp_path / "bad.parquet"
     pq.write_table(bad, source)
     catalog = SQLiteCatalog(str(tmp_path / "c.sqlite"))
-    writer = PartitionedWriter(catalog, str(tmp_path / "store"), "sky", "Object", GRID, OPTIONS)
+    writer = PartitionedWriter(
+        catalog, str(tmp_path / "store"), "sky", "Object", SPARK_GRID, OPTIONS
+    )
     with pytest.raises(ValidationError, match=r"ra must be in \[0, 360\)"):
         run_partition(spark, read_input(spark, str(source)), writer)
     assert catalog.list_tagfiles(dataset="sky.Object") == []

@@ -16,6 +16,8 @@ from eventindex.storage import MapFileReader, WriteOptions
 
 # A coarse grid keeps the file count small; the overlap is wide so that many rows have copies.
 GRID = Chunker(12, 3, 0.5)
+# Coarser still for Spark tests: each chunk is a task group, and groups cost time there.
+SPARK_GRID = Chunker(6, 2, 1.0)
 OPTIONS = WriteOptions(row_group_rows=512)
 
 
@@ -52,11 +54,16 @@ class Partitioned:
 
 
 def partition(
-    tmp: Path, table: pa.Table, name: str = "sky", *, memory_rows: int = 10_000_000
+    tmp: Path,
+    table: pa.Table,
+    name: str = "sky",
+    *,
+    memory_rows: int = 10_000_000,
+    grid: Chunker = GRID,
 ) -> Partitioned:
     catalog = SQLiteCatalog(str(tmp / "catalog.sqlite"))
     store = str(tmp / "store")
-    writer = PartitionedWriter(catalog, store, name, "Object", GRID, OPTIONS)
+    writer = PartitionedWriter(catalog, store, name, "Object", grid, OPTIONS)
     halves = [table.slice(0, table.num_rows // 2), table.slice(table.num_rows // 2)]
     summary = partition_local(halves, writer, memory_rows=memory_rows, spill_buckets=4)
     return Partitioned(catalog, store, table, summary)

@@ -75,7 +75,8 @@ def test_every_row_lands_in_its_chunk_with_its_overlap(tmp_path: Path, memory_ro
     } == expected
     dataset = done.catalog.get_dataset("sky.Object")
     assert Chunker.from_parameters(dataset.attributes) == GRID
-    assert verify_catalog(done.catalog, done.store).ok
+    report = verify_catalog(done.catalog, done.store)
+    assert report.ok(strict=True), report.problems
 
 
 def test_bad_input_is_refused_before_writing(tmp_path: Path) -> None:

@@ -36,12 +36,14 @@ def _near(ra: float, dec: float, spread: float, n: int, seed: int) -> tuple[np.n
     ids=repr,
 )
 def test_pruning_keeps_every_row_inside(region: Region) -> None:
-    centre = {
-        Circle: lambda r: (r.ra, r.dec),
-        Box: lambda r: (r.ra_min, r.dec_min),
-        Polygon: lambda r: r.vertices[0],
-    }[type(region)](region)
-    ra, dec = _near(*centre, 3.0, 20000, 1)
+    if isinstance(region, Circle):
+        centre = (region.ra, region.dec)
+    elif isinstance(region, Box):
+        centre = (region.ra_min, region.dec_min)
+    else:
+        assert isinstance(region, Polygon)
+        centre = region.vertices[0]
+    ra, dec = _near(centre[0], centre[1], 3.0, 20000, 1)
     inside = region.contains(ra, dec)
     assert inside.any()
     chunk, sub = QSERV.locate(ra[inside], dec[inside])

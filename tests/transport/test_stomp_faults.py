@@ -3,14 +3,19 @@ and surviving a broker restart in the middle of traffic."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from eventindex.cli.broker_cmd import free_port
 from eventindex.config import BrokerSettings
 from eventindex.transport import (
     ConfirmationTimeoutError,
@@ -19,7 +24,7 @@ from eventindex.transport import (
     open_transport,
 )
 from eventindex.transport.stomp import StompTransport
-from tests.activemq import RunningBroker, free_port
+from tests.activemq import RunningBroker
 from tests.transport.conftest import client_settings
 
 SEQUENCE = "eventindex-sequence"
@@ -30,10 +35,12 @@ def stomp_port(url: str) -> int:
 
 
 class SilentStompServer:
-    """Accepts a STOMP connection, answers CONNECT, and then never confirms anything."""
+    """Accepts a STOMP connection, answers CONNECT, and then never confirms anything.
+    With ``tls`` (a server context) it speaks STOMP over TLS."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        plain = socket.create_server(("127.0.0.1", 0))
+        self.listener = tls.wrap_socket(plain, server_side=True) if tls else plain
         self.port: int = self.listener.getsockname()[1]
         self.connections: list[socket.socket] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -78,6 +85,35 @@ def test_an_unconfirmed_send_times_out(silent_server: SilentStompServer) -> None
         assert time.monotonic() - started < 5
     finally:
         transport.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_stomp_ssl_connects_over_tls_checking_the_certificate(tmp_path: Path) -> None:
+    cert, key = tmp_path / "broker.pem", tmp_path / "broker.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = SilentStompServer(tls=context)
+    url = f"stomp+ssl://127.0.0.1:{server.port}"
+    try:
+        trusted = BrokerSettings(ssl_ca_file=str(cert), heartbeat_ms=0, receipt_timeout_s=1)
+        transport = open_transport(url, trusted)
+        transport.connect()
+        assert transport.connected
+        transport.close()
+        untrusted = trusted.model_copy(update={"ssl_ca_file": "", "reconnect_attempts": 1})
+        with pytest.raises(TransportError):
+            open_transport(url, untrusted).connect()
+    finally:
+        server.close()
 
 
 def test_no_broker_at_all_is_a_clear_error() -> None:

@@ -38,6 +38,9 @@ def service_settings(
             "store.root": str(store.root),
             "catalog.path": str(store.catalog_path),
             "webservice.tokens": [TOKEN] if tokens is None else tokens,
+            # Submitted queries live beside the store, never in the working tree.
+            "queries.registry": str(store.root.parent / "queries.sqlite"),
+            "queries.results_dir": str(store.root.parent / "query-results"),
             **limits,
         },
         environ={},

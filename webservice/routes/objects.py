@@ -31,7 +31,8 @@ def _catalogs(request: Request, service: ServiceDep) -> ObjectCatalogs:
             catalogs = getattr(state, "object_catalogs", None)
             if catalogs is None:
                 catalogs = ObjectCatalogs(
-                    service.catalog, refresh_seconds=service.settings.webservice.reader_refresh_seconds * 30
+                    service.catalog,
+                    refresh_seconds=service.settings.webservice.reader_refresh_seconds * 30,
                 )
                 state.object_catalogs = catalogs
     return catalogs

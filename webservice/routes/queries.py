@@ -151,7 +151,7 @@ def submit_query(
 @router.get(
     "",
     summary="List your queries",
-    responses=problem_responses(401, 403),
+    responses=problem_responses(401, 403, 422),
 )
 def list_queries(
     registry: RegistryDep,
@@ -170,7 +170,7 @@ def list_queries(
     "/{query_id}",
     response_model=QueryStatus,
     summary="State and progress of a query",
-    responses=problem_responses(401, 403, 404),
+    responses=problem_responses(401, 403, 404, 422),
 )
 def query_status(query_id: QueryId, registry: RegistryDep) -> Response:
     """Its state (`queued`, `running`, `done`, `failed`, `cancelled`, `expired`),
@@ -223,7 +223,7 @@ def query_results(
     "/{query_id}",
     response_model=QueryStatus,
     summary="Cancel a query",
-    responses=problem_responses(401, 403, 404, 409),
+    responses=problem_responses(401, 403, 404, 409, 422),
 )
 def cancel_query(query_id: QueryId, registry: RegistryDep) -> Response:
     """Cancel a queued or running query (the worker drops it at its next unit);

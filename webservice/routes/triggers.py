@@ -16,7 +16,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from eventindex.query.triggers import TriggerExpressionError, TriggerIndex, UnknownTriggerError
+from eventindex.query.triggers import (
+    TriggerExpressionError,
+    TriggerIndex,
+    UnknownTriggerError,
+    expression_pattern,
+)
 from webservice.dependencies import CatalogDep
 from webservice.models import EXAMPLE_COLLECTION, CollectionName, DatasetPattern
 from webservice.options import MAX_RUN_NUMBER
@@ -29,6 +34,9 @@ router = APIRouter(prefix=f"{API_PREFIX}/triggers", tags=["triggers"])
 MAX_EXPRESSION_CHARS = 4096
 MAX_OVERLAP_TRIGGERS = 64
 EXAMPLE_EXPRESSION = "HLT_mu4_imedium OR (L1_EM15VH AND NOT L1_XE50)"
+# The schema states the grammar (names with an underscore, parentheses one deep) for
+# clients; the parser itself checks every expression and names the bad token.
+EXPRESSION_PATTERN = expression_pattern(1)
 _index_lock = threading.Lock()
 
 
@@ -45,9 +53,8 @@ TriggerIndexDep = Annotated[TriggerIndex, Depends(_trigger_index)]
 DatasetQuery = Annotated[
     DatasetPattern,
     Query(
-        description="Dataset name or glob pattern; the events counted are the rows of the "
-        "matching datasets.",
-        examples=["*.daq.RAW"],
+        description="Dataset name or glob pattern, e.g. `*.daq.RAW`; the events counted "
+        "are the rows of the matching datasets.",
     ),
 ]
 CollectionQuery = Annotated[
@@ -139,6 +146,7 @@ def count_triggers(
         Query(
             min_length=1,
             max_length=MAX_EXPRESSION_CHARS,
+            json_schema_extra={"pattern": EXPRESSION_PATTERN},
             description="Trigger names with AND, OR, NOT (or &, |, !) and parentheses. L1 "
             "items mean their after-veto bit; `L1_EM12:TBP` or `:TAP` the other masks.",
             examples=[EXAMPLE_EXPRESSION],
@@ -170,7 +178,16 @@ def count_triggers(
 def overlap_triggers(
     index: TriggerIndexDep,
     trigger: Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=MAX_EXPRESSION_CHARS)]],
+        list[
+            Annotated[
+                str,
+                Field(
+                    min_length=1,
+                    max_length=MAX_EXPRESSION_CHARS,
+                    json_schema_extra={"pattern": EXPRESSION_PATTERN},
+                ),
+            ]
+        ],
         Query(
             min_length=1,
             max_length=MAX_OVERLAP_TRIGGERS,
