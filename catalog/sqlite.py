@@ -195,6 +195,28 @@ def _translated() -> Iterator[None]:
         raise CatalogError(f"SQLite catalog: a number does not fit in 64 bits: {exc}") from exc
 
 
+def _enable_wal(conn: sqlite3.Connection) -> str:
+    """Put the file in WAL mode (persistent: a no-op once set) and return the mode.
+
+    Switching the mode can fail with "database is locked" without SQLite's busy
+    handler being consulted, when another process opens the same new file at the
+    same moment; so it is retried here, up to the busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+            if mode.lower() == "wal":
+                return mode
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 class SQLiteCatalog(Catalog):
     """The catalog in one SQLite file (or ``':memory:'``), safe for several processes."""
 
@@ -219,7 +241,7 @@ class SQLiteCatalog(Catalog):
                 conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
                 conn.execute("PRAGMA foreign_keys = ON")
                 if not memory:
-                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                    mode = _enable_wal(conn)
                     if str(mode).lower() != "wal":
                         raise CatalogError(f"{path}: SQLite refused WAL mode (got {mode!r})")
                     conn.execute("PRAGMA synchronous = NORMAL")
