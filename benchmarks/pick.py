@@ -44,12 +44,11 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 
-from benchmarks.common import emit, ensure_event_store, event_store_paths, percentiles_ms
+from benchmarks.common import emit, ensure_event_store, percentiles_ms
 from benchmarks.loadgen import run_load
 from catalog.model import FileKind, TagFile
 from catalog.sqlite import SQLiteCatalog
 from eventindex.config import SparkSettings, WebServiceSettings
-from eventindex.generator import GeneratorSpec, dataset_specs
 from eventindex.query import Reader
 from eventindex.records.schema import EVENT_KEY
 from eventindex.storage import resolve
@@ -80,25 +79,6 @@ BASELINE_COLUMNS = (
 SERVER_START_TIMEOUT_S = 120.0
 EVENTINDEX = Path(sys.executable).parent / "eventindex"
 LOG_DIR = Path("var/bench")
-
-
-def _complete_store(events: int, runs: int) -> tuple[str, str] | None:
-    """The shared store when its catalog already lists all of it, else ``None``.
-
-    ``ensure_event_store`` regenerates every run to compare it with what is stored,
-    which takes minutes on 100 M events; a store whose every dataset is there with
-    ``events`` RAW rows needs no such check to be read.
-    """
-    root, catalog_path = event_store_paths(events)
-    if not Path(catalog_path).exists():
-        return None
-    spec = GeneratorSpec(runs=runs, events_per_run=max(1, events // runs), exact=True, seed=0)
-    expected = {d.name: d.format for d in dataset_specs(spec)}
-    with SQLiteCatalog(catalog_path) as catalog:
-        files = catalog.list_tagfiles(collection=spec.collection, kinds=[FileKind.MASTER])
-    held = {f.dataset for f in files}
-    raw_rows = sum(f.rows for f in files if expected.get(f.dataset) == "RAW")
-    return (root, catalog_path) if held >= set(expected) and raw_rows == events else None
 
 
 def _local_path(uri: str) -> str:
@@ -349,8 +329,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         store_root, catalog_path = args.store, args.catalog
     else:
         started = time.perf_counter()
-        complete = _complete_store(args.events, args.runs)
-        store_root, catalog_path = complete or ensure_event_store(args.events, args.runs)
+        store_root, catalog_path = ensure_event_store(args.events, args.runs)
         build_s = time.perf_counter() - started
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(args.seed)
