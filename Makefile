@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 EXTRAS ?= dev,hbase,spark,root
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install demo test lint typecheck unit activemq clean
 
