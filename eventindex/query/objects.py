@@ -16,7 +16,6 @@ import math
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ import pyarrow as pa
 from catalog.base import Catalog
 from catalog.model import Dataset, FileKind, TagFile
 from eventindex.errors import NotFoundError, ValidationError
+from eventindex.query.open_files import OpenFiles
 from eventindex.records.schema import RecordKind
 from eventindex.spatial.chunker import Chunker, IntArray, SpatialError
 from eventindex.spatial.partition import (
@@ -78,39 +78,17 @@ class ObjectTable:
         self._director = directors
         self._director_starts = [e.key_min[0] for e in directors]
         self.rows = sum(e.rows for e in self.chunk_files.values())
-        self.max_open_files = max_open_files
-        self._readers: OrderedDict[str, MapFileReader] = OrderedDict()
-        self._lock = threading.Lock()
+        self._files = OpenFiles(max_open_files)
 
     @property
     def name(self) -> str:
         return self.dataset.name
 
     def reader(self, entry: TagFile) -> MapFileReader:
-        with self._lock:
-            found = self._readers.get(entry.file_id)
-            if found is not None:
-                self._readers.move_to_end(entry.file_id)
-                return found
-        opened = MapFileReader(entry.uri)  # outside the lock: opening reads a footer
-        with self._lock:
-            found = self._readers.setdefault(entry.file_id, opened)
-            self._readers.move_to_end(entry.file_id)
-            evicted = []
-            while len(self._readers) > self.max_open_files:
-                evicted.append(self._readers.popitem(last=False)[1])
-        if found is not opened:
-            opened.close()
-        for reader in evicted:
-            reader.close()
-        return found
+        return self._files.reader(entry)
 
     def close(self) -> None:
-        with self._lock:
-            readers = list(self._readers.values())
-            self._readers.clear()
-        for reader in readers:
-            reader.close()
+        self._files.close()
 
     # -- by id -----------------------------------------------------------
     def locate(self, object_id: int) -> tuple[int, int] | None:

@@ -22,7 +22,6 @@ import fnmatch
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import pyarrow.compute as pc
 from catalog.base import Catalog
 from catalog.model import Collection, Dataset, FileKind, TagFile
 from eventindex.errors import EventIndexError, NotFoundError
+from eventindex.query.open_files import OpenFiles
 from eventindex.records.schema import EVENT_KEY, EVENT_SCHEMA, RecordKind
 from eventindex.storage import DEFAULT_KEY_CACHE, QUERY_INDEX, MapFileReader
 from eventindex.storage.keys import EncodedKeys, encode_key_columns, encode_query_keys
@@ -228,7 +228,6 @@ class Reader:
     closed ``retired_grace_seconds`` later, so a query still using them can finish.
     """
 
-    retired_grace_seconds: float = 30.0
     parallel_reads: bool = True
 
     def __init__(
@@ -239,16 +238,13 @@ class Reader:
         refresh_seconds: float = 1.0,
         key_cache_bytes: int | None = None,
     ) -> None:
-        if max_open_files < 1:
-            raise ValueError(f"max_open_files must be positive, not {max_open_files}")
         if key_cache_bytes is not None:
             # The key cache is process-wide: the budget of the last Reader made wins.
             DEFAULT_KEY_CACHE.resize(key_cache_bytes)
         self.catalog = catalog
         self.max_open_files = max_open_files
         self.refresh_seconds = refresh_seconds
-        self._readers: OrderedDict[str, MapFileReader] = OrderedDict()
-        self._retired: list[tuple[float, MapFileReader]] = []
+        self._files = OpenFiles(max_open_files)
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._snapshots: dict[str, _Snapshot] = {}
@@ -328,8 +324,8 @@ class Reader:
         self._foreign = {}
         self._count("catalog_refreshes")
         if previous is not None:
-            self._retire(previous.file_ids - snapshot.file_ids)
-        self._close_retired(force=False)
+            self._files.drop(previous.file_ids - snapshot.file_ids)
+        self._files.close_retired()
         return snapshot
 
     def refresh(self) -> None:
@@ -340,41 +336,19 @@ class Reader:
                 if name in self._collections:
                     self._load(name)
                 else:
-                    self._retire(self._snapshots.pop(name).file_ids)
+                    self._files.drop(self._snapshots.pop(name).file_ids)
 
-    def _retire(self, file_ids: Iterable[str]) -> None:
-        now = time.monotonic()
-        with self._lock:
-            for file_id in file_ids:
-                reader = self._readers.pop(file_id, None)
-                if reader is not None:
-                    self._retired.append((now, reader))
+    @property
+    def retired_grace_seconds(self) -> float:
+        """How long readers of retired files stay open for the queries still using them."""
+        return self._files.grace_seconds
 
-    def _close_retired(self, force: bool) -> None:
-        limit = time.monotonic() - self.retired_grace_seconds
-        with self._lock:
-            closing = [r for t, r in self._retired if force or t <= limit]
-            self._retired = [(t, r) for t, r in self._retired if not (force or t <= limit)]
-        for reader in closing:
-            reader.close()
+    @retired_grace_seconds.setter
+    def retired_grace_seconds(self, seconds: float) -> None:
+        self._files.grace_seconds = seconds
 
     def _reader(self, entry: TagFile) -> MapFileReader:
-        with self._lock:
-            reader = self._readers.get(entry.file_id)
-            if reader is not None:
-                self._readers.move_to_end(entry.file_id)
-                return reader
-        opened = MapFileReader(entry.uri)  # outside the lock: opening reads a footer
-        with self._lock:
-            reader = self._readers.setdefault(entry.file_id, opened)
-            self._readers.move_to_end(entry.file_id)
-            now = time.monotonic()
-            while len(self._readers) > self.max_open_files:
-                # Evicted readers may be in use by another thread: close them later.
-                self._retired.append((now, self._readers.popitem(last=False)[1]))
-        if reader is not opened:  # another thread opened it first
-            opened.close()
-        return reader
+        return self._files.reader(entry)
 
     # -- the dataset graph ---------------------------------------------------
     def _dataset(self, snapshot: _Snapshot, name: str) -> Dataset | None:
@@ -829,8 +803,7 @@ class Reader:
         """Counters for a metrics endpoint (the key cache is the process-wide one)."""
         with self._lock:
             figures = dict(self._counts)
-            figures["open_files"] = len(self._readers)
-            figures["retired_files_open"] = len(self._retired)
+        figures["open_files"], figures["retired_files_open"] = self._files.counts()
         figures["collections_cached"] = len(self._snapshots)
         figures["key_cache_hits"] = DEFAULT_KEY_CACHE.hits
         figures["key_cache_misses"] = DEFAULT_KEY_CACHE.misses
@@ -840,12 +813,7 @@ class Reader:
 
     def close(self) -> None:
         """Close every open file; the Reader can be used again afterwards (it reopens)."""
-        with self._lock:
-            readers = list(self._readers.values())
-            self._readers.clear()
-        for reader in readers:
-            reader.close()
-        self._close_retired(force=True)
+        self._files.close()
 
     def __enter__(self) -> Reader:
         return self

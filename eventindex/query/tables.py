@@ -18,7 +18,6 @@ import math
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,8 +30,9 @@ import pyarrow.parquet as pq
 from catalog.base import Catalog
 from catalog.model import Dataset, FileKind, Key, TagFile
 from eventindex.errors import NotFoundError, StorageError
+from eventindex.query.open_files import OpenFiles
 from eventindex.records.schema import RecordKind
-from eventindex.storage import MapFileReader, resolve
+from eventindex.storage import resolve
 
 DATASET_COLUMN = "dataset"
 _GLOB_CHARACTERS = frozenset("*?[")
@@ -118,7 +118,7 @@ class ScanTable:
         key index: only the row groups that can hold them are decoded."""
         wanted = self.file_columns(columns)
         pieces: list[pa.Table] = []
-        reader = _OPEN_MAPFILES.get(unit.uri)
+        reader = _OPEN_MAPFILES.open(unit.uri, unit.uri)
         for low, high in bounds:
             if unit.may_hold(low, high):
                 pieces.extend(reader.scan(low, high, wanted))
@@ -252,30 +252,8 @@ def resolve_table(catalog: Catalog, name: str, *, max_age_seconds: float = 1.0) 
     return table
 
 
-class _OpenMapFiles:
-    """Recently used map-file readers for key-range reads (files are immutable)."""
-
-    def __init__(self, size: int = 256) -> None:
-        self.size = size
-        self._readers: OrderedDict[str, MapFileReader] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, uri: str) -> MapFileReader:
-        with self._lock:
-            reader = self._readers.get(uri)
-            if reader is not None:
-                self._readers.move_to_end(uri)
-                return reader
-        opened = MapFileReader(uri)
-        with self._lock:
-            self._readers[uri] = opened
-            while len(self._readers) > self.size:
-                # Not closed here: another thread may be reading; the finalizer frees it.
-                self._readers.popitem(last=False)
-        return opened
-
-
-_OPEN_MAPFILES = _OpenMapFiles()
+# Recently used map-file readers for key-range reads, keyed by URI (files are immutable).
+_OPEN_MAPFILES = OpenFiles(256)
 
 
 # -- spherical geometry ----------------------------------------------------------
