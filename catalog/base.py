@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile
+from catalog.rules import check_batch
 from eventindex.records.schema import TriggerMenu
 
 
@@ -64,6 +65,18 @@ class Catalog(abc.ABC):
         retired file raises ``CatalogError``. Returns the stored entry. Readers
         never see both the new file and the files it supersedes as live.
         """
+
+    def commit_tagfiles(self, tagfiles: Sequence[TagFile]) -> list[TagFile]:
+        """Commit several entries as ``commit_tagfile`` does, in the given order.
+
+        A transactional backend (SQLite) commits them in one transaction: readers
+        see all or none. A backend atomic per row only (HBase) commits them one
+        after the other, so callers order them such that every prefix is a state
+        readers may see (extension files before the master that makes them live).
+        """
+        tagfiles = list(tagfiles)
+        check_batch(tagfiles)
+        return [self.commit_tagfile(tagfile) for tagfile in tagfiles]
 
     @abc.abstractmethod
     def retire_tagfiles(self, file_ids: Iterable[str]) -> None:

@@ -439,35 +439,46 @@ class SQLiteCatalog(Catalog):
     def commit_tagfile(self, tagfile: TagFile) -> TagFile:
         check_tagfile(tagfile)
         with self._write() as conn:
-            self._require_datasets(conn, [tagfile])
-            # Only what the checks need: this runs once per file a consumer writes.
-            previous = conn.execute(
-                f"SELECT dataset, effective_state FROM ({_EFFECTIVE_TAGFILES} WHERE t.file_id = ?)",
-                (tagfile.file_id,),
-            ).fetchone()
-            if previous is not None:
-                if previous["effective_state"] != FileState.WRITING.value:
-                    raise CatalogError(
-                        f"TagFile {tagfile.file_id} is {previous['effective_state']}; "
-                        "only a file being written can be committed"
-                    )
-                if previous["dataset"] != tagfile.dataset:
-                    raise CatalogError(
-                        f"TagFile {tagfile.file_id} was registered in dataset "
-                        f"{previous['dataset']!r}, not {tagfile.dataset!r}"
-                    )
-            if tagfile.supersedes:
-                missing = set(tagfile.supersedes) - self._existing_ids(conn, tagfile.supersedes)
-                if missing:
-                    raise NotFoundError(
-                        f"TagFile {tagfile.file_id} supersedes unknown files: "
-                        f"{', '.join(sorted(missing))}"
-                    )
-            entry = replace(tagfile, state=FileState.COMMITTED, committed_at=time.time())
-            # An upsert updates the writing row in place; REPLACE would delete
-            # and re-insert it with every index entry.
-            conn.execute(_UPSERT_TAGFILE, _tagfile_params(entry))
-            self._apply_commit(conn, entry)
+            return self._commit(conn, tagfile)
+
+    def commit_tagfiles(self, tagfiles: Sequence[TagFile]) -> list[TagFile]:
+        """Commit every entry in ONE transaction: readers see all of them or none."""
+        tagfiles = list(tagfiles)
+        check_batch(tagfiles)
+        with self._write() as conn:
+            return [self._commit(conn, tagfile) for tagfile in tagfiles]
+
+    def _commit(self, conn: sqlite3.Connection, tagfile: TagFile) -> TagFile:
+        """``commit_tagfile`` inside the caller's write transaction."""
+        self._require_datasets(conn, [tagfile])
+        # Only what the checks need: this runs once per file a consumer writes.
+        previous = conn.execute(
+            f"SELECT dataset, effective_state FROM ({_EFFECTIVE_TAGFILES} WHERE t.file_id = ?)",
+            (tagfile.file_id,),
+        ).fetchone()
+        if previous is not None:
+            if previous["effective_state"] != FileState.WRITING.value:
+                raise CatalogError(
+                    f"TagFile {tagfile.file_id} is {previous['effective_state']}; "
+                    "only a file being written can be committed"
+                )
+            if previous["dataset"] != tagfile.dataset:
+                raise CatalogError(
+                    f"TagFile {tagfile.file_id} was registered in dataset "
+                    f"{previous['dataset']!r}, not {tagfile.dataset!r}"
+                )
+        if tagfile.supersedes:
+            missing = set(tagfile.supersedes) - self._existing_ids(conn, tagfile.supersedes)
+            if missing:
+                raise NotFoundError(
+                    f"TagFile {tagfile.file_id} supersedes unknown files: "
+                    f"{', '.join(sorted(missing))}"
+                )
+        entry = replace(tagfile, state=FileState.COMMITTED, committed_at=time.time())
+        # An upsert updates the writing row in place; REPLACE would delete
+        # and re-insert it with every index entry.
+        conn.execute(_UPSERT_TAGFILE, _tagfile_params(entry))
+        self._apply_commit(conn, entry)
         return entry
 
     @staticmethod

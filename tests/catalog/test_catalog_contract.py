@@ -465,6 +465,31 @@ def test_batch_may_only_supersede_known_or_earlier_files(populated: Catalog) -> 
     assert populated.list_tagfiles(states=None) == []
 
 
+def test_commit_several_files_in_one_step(populated: Catalog) -> None:
+    populated.commit_tagfile(tagfile("a-1", message_ids=("m1",)))
+    populated.commit_tagfile(tagfile("x-1", kind=FileKind.EXTENSION, part="p"))
+    populated.add_tagfiles([tagfile("x-2", kind=FileKind.EXTENSION, part="p"), tagfile("b")])
+
+    committed = populated.commit_tagfiles(
+        [
+            tagfile("x-2", kind=FileKind.EXTENSION, part="p", supersedes=("x-1",)),
+            tagfile("b", supersedes=("a-1",)),
+        ]
+    )
+
+    assert [e.state for e in committed] == [FileState.COMMITTED] * 2
+    assert ids(populated.list_tagfiles()) == ["b", "x-2"]
+    assert ids(populated.list_tagfiles(states=[FileState.RETIRED])) == ["a-1", "x-1"]
+    assert populated.absorbed_message_ids(["m1"]) == {"m1"}
+
+
+def test_commit_several_files_checks_before_committing(populated: Catalog) -> None:
+    populated.add_tagfiles([tagfile("a-1"), tagfile("b-1")])
+    with pytest.raises(AlreadyExistsError):
+        populated.commit_tagfiles([tagfile("a-1"), tagfile("a-1")])
+    assert ids(populated.list_tagfiles(states=[FileState.WRITING])) == ["a-1", "b-1"]
+
+
 # -- TagFiles: listing --------------------------------------------------------
 @pytest.fixture
 def run_ranges(populated: Catalog) -> Catalog:
