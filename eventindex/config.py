@@ -40,6 +40,12 @@ class HBaseSettings(Section):
 class CatalogSettings(Section):
     type: Literal["sqlite", "hbase"] = "sqlite"
     path: str = Field("var/catalog.sqlite", description="SQLite file, or ':memory:'.")
+    gc_grace_seconds: float = Field(
+        21_600.0,
+        ge=0,
+        description="`catalog gc` deletes a retired file this long after its retirement: "
+        "queries and scans that listed it before may still read it.",
+    )
     hbase: HBaseSettings = HBaseSettings()
 
 
@@ -99,9 +105,9 @@ class ProducerSettings(Section):
 class ConsumerSettings(Section):
     workers: int = Field(1, ge=1, le=64)
     prefetch: int = Field(
-        4000, ge=1, description="Unacknowledged messages a worker holds; a flush comes first."
+        3000, ge=1, description="Unacknowledged messages a worker holds; a flush comes first."
     )
-    flush_rows: int = Field(500_000, ge=1, description="Flush once this many events are pending.")
+    flush_rows: int = Field(200_000, ge=1, description="Flush once this many events are pending.")
     flush_bytes: int = Field(
         128 * 2**20, ge=1, description="Flush once this many message bytes are pending."
     )
@@ -152,6 +158,19 @@ class QuerySettings(Section):
     direct_max_units: int = Field(4, ge=0, description="Fewer units: no scan, answer at once.")
     poll_seconds: float = Field(0.5, gt=0)
     lease_seconds: float = Field(120.0, gt=0)
+    executor: Literal["pyarrow", "spark"] = Field(
+        "pyarrow", description="Who evaluates the scan worker's walks: this process or Spark."
+    )
+    spark_units_per_step: int = Field(
+        8, ge=1, description="Units one Spark job of a walk reads (queries join between jobs)."
+    )
+    prefetch: bool = Field(True, description="Decode the next unit while evaluating this one.")
+    worker_nice: int = Field(
+        10, ge=0, le=19, description="Niceness the scan worker adds to itself (0: none)."
+    )
+    worker_threads: int = Field(
+        0, ge=0, description="Arrow decoding threads of the scan worker (0: one per core)."
+    )
 
 
 class SpatialSettings(Section):
@@ -161,6 +180,23 @@ class SpatialSettings(Section):
     num_sub_stripes: int = Field(12, ge=1, le=256, description="Sub-stripes per stripe (s).")
     overlap_arcsec: float = Field(60.0, ge=0.0, le=36000.0, description="Overlap radius (R).")
     row_group_rows: int = Field(4096, ge=256, le=1_048_576, description="Rows per row group.")
+    compression: Literal["zstd", "lz4", "snappy", "gzip", "none"] = Field(
+        "lz4", description="Of chunk files: positions compress as well with lz4 as with zstd."
+    )
+
+
+class CompactionSettings(Section):
+    """How ``eventindex spark compact`` groups small TagFiles into large ones."""
+
+    target_rows: int = Field(
+        4_000_000, ge=2, description="Most rows of one compacted file (a group stops below it)."
+    )
+    target_bytes: int = Field(
+        1_073_741_824, ge=1024, description="Most input bytes merged into one compacted file."
+    )
+    small_file_rows: int = Field(
+        1_000_000, ge=1, description="Files with fewer rows than this are compacted."
+    )
 
 
 class Settings(Section):
@@ -175,6 +211,7 @@ class Settings(Section):
     spark: SparkSettings = SparkSettings()
     queries: QuerySettings = QuerySettings()
     spatial: SpatialSettings = SpatialSettings()
+    compaction: CompactionSettings = CompactionSettings()
 
 
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

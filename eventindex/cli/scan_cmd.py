@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,13 +30,25 @@ def scan_worker(
     ] = None,
 ) -> None:
     """Walk tables for queued queries: each unit is read once for every query riding the
-    walk; key picks and small cones are answered directly. SIGTERM or Ctrl-C stops it
-    after the current unit; its running queries are resumed by the next worker."""
+    walk; key picks and small cones are answered directly. The walks are evaluated here
+    or by Spark (setting queries.executor); the worker runs queries.worker_nice nicer
+    than interactive work. SIGTERM or Ctrl-C stops it after the current step; its running
+    queries are resumed by the next worker."""
     from eventindex.query.registry import QueryRegistry
-    from eventindex.query.scan import ScanWorker
+    from eventindex.query.scan import ScanEvaluator, ScanWorker, background_worker
 
     settings = state(ctx).settings
+    queries = settings.queries
+    niceness = background_worker(queries)
     stop = threading.Event()
+    evaluator: ScanEvaluator | None = None
+    spark: Any = None
+    if queries.executor == "spark":
+        from spark_jobs.session import spark_session
+        from spark_jobs.shared_scan import SparkScanEvaluator
+
+        spark = spark_session(settings.spark)
+        evaluator = SparkScanEvaluator(spark, queries.spark_units_per_step)
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -44,11 +56,16 @@ def scan_worker(
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         with catalog_of(settings) as catalog, QueryRegistry(settings.queries.registry) as registry:
-            worker = ScanWorker(catalog, registry, settings.queries, name=name)
-            stderr.print(f"scan worker {worker.name} on {settings.queries.registry}")
+            worker = ScanWorker(catalog, registry, queries, name=name, evaluator=evaluator)
+            stderr.print(
+                f"scan worker {worker.name} on {queries.registry} "
+                f"({queries.executor}, niceness {niceness})"
+            )
             try:
                 worker.run(stop, until_idle=once)
             except KeyboardInterrupt:
                 stop.set()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if spark is not None:
+            spark.stop()

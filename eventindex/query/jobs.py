@@ -23,7 +23,7 @@ from catalog.base import Catalog
 from eventindex.config import QuerySettings
 from eventindex.errors import EventIndexError
 from eventindex.query.registry import QueryRecord, QueryRegistry, QueryState
-from eventindex.query.scan import is_direct, run_direct, selected_units, write_result
+from eventindex.query.scan import direct_route, run_direct, write_result
 from eventindex.query.sql import SqlError, compile_query
 
 RESULT_FORMATS = ("json", "csv", "parquet")
@@ -53,19 +53,19 @@ def submit(
     """Check and register a query; answer it at once when a key or small cone allows."""
     table, plan = compile_query(catalog, sql, max_result_rows=settings.max_result_rows)
     record = registry.submit(sql, plan.table, submitter)
-    # Only what the key index or known chunk positions answer: never a pass over data here.
-    keyed = plan.point_lookup and table.key_ordered
-    answer_now = (keyed or plan.cone is not None) and is_direct(
-        table, plan, settings.direct_max_units, read_positions=False
+    # Only what a key index or known chunk positions answer: never a pass over data here.
+    route = (
+        direct_route(table, plan, settings.direct_max_units, catalog=catalog, read_positions=False)
+        if plan.point_lookup or plan.cone is not None
+        else None
     )
-    if not answer_now:
+    if route is None:
         return record
-    chosen = selected_units(table, plan, read_positions=False)
-    count = len(table.units) if chosen is None else len(chosen)
+    count = len(route.units)
     if not registry.claim(record.id, f"direct:{socket.gethostname()}", count, "direct"):
         return registry.get(record.id)
     try:
-        result = run_direct(table, plan, settings.max_result_rows, chosen)
+        result = run_direct(table, plan, settings.max_result_rows, route)
     except SqlError as exc:
         registry.fail(record.id, str(exc), exc.code)
         return registry.get(record.id)

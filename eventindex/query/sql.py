@@ -15,21 +15,26 @@ The cone uses the exact great-circle (haversine) distance. Everything else (join
 subqueries, UNION, DISTINCT, HAVING, window functions, unknown functions, unknown
 tables or columns, comparisons of mismatched types) is refused with a ``SqlError``
 saying what is not supported. Nothing is ever pasted into a string: the plan is a
-``pyarrow.compute`` filter expression, a projection and partial aggregates that
-are computed per unit and merged across units, so one pass over a table's units
-answers the query.
+condition tree (also a ``pyarrow.compute`` filter expression), a projection and
+partial aggregates that are computed per unit and merged across units, so one pass
+over a table's units answers the query. ``feed_unit`` evaluates many plans on one
+decoded unit at once, with numpy, block by block, sharing column conversions,
+conditions and group numbers between them (Arrow's kernels where numpy cannot be
+exact).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import sqlglot
+from numpy.typing import NDArray
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
@@ -127,6 +132,7 @@ class QueryPlan:
     point_lookup: bool = False
     output_types: dict[str, pa.DataType] = field(default_factory=dict)
     row_mask: Callable[[pa.Table], Any] | None = None
+    condition: Condition | None = None
 
     @property
     def aggregated(self) -> bool:
@@ -261,33 +267,75 @@ def _number(node: exp.Expression, what: str) -> float:
 _TO_FLOAT64 = pc.CastOptions.safe(pa.float64())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Condition:
-    """A WHERE condition in two equal forms: a ``pyarrow.compute`` expression (the plan
-    as Arrow states it) and a function computing the row mask of a table directly with
-    compute kernels, which skips the per-batch overhead of an expression scan."""
+    """A WHERE condition, a tree of compute functions over columns and values, in three
+    equal forms: a ``pyarrow.compute`` expression (the plan as Arrow states it); a
+    function computing the row mask of a table with compute kernels (no per-batch
+    overhead of an expression scan); and the tree itself, which ``UnitColumns``
+    evaluates with numpy over columns converted once for every query on a unit.
+
+    ``key`` names the condition by its structure, so two queries that share a
+    sub-condition (the same comparison, the same cone) compute it once per unit.
+    """
 
     expression: pc.Expression
     mask: Callable[[pa.Table], Any]
+    key: Hashable
+    function: str = ""
+    arguments: tuple[Condition, ...] = ()
+    column_name: str | None = None
+    scalar: pa.Scalar | None = None
+    value_set: pa.Array | None = None
+    options_key: Hashable = None
 
     @classmethod
     def column(cls, name: str) -> Condition:
-        return cls(pc.field(name), lambda table: table.column(name))
+        return cls(
+            pc.field(name), lambda table: table.column(name), ("column", name), column_name=name
+        )
 
     @classmethod
     def value(cls, scalar: pa.Scalar) -> Condition:
-        return cls(pc.scalar(scalar), lambda _table: scalar)
+        return cls(
+            pc.scalar(scalar),
+            lambda _table: scalar,
+            ("value", str(scalar.type), scalar.as_py()),
+            scalar=scalar,
+        )
 
     @classmethod
     def call(
-        cls, function: str, *arguments: Condition, options: pc.FunctionOptions | None = None
+        cls,
+        function: str,
+        *arguments: Condition,
+        options: pc.FunctionOptions | None = None,
+        options_key: Hashable = None,
+        value_set: pa.Array | None = None,
     ) -> Condition:
+        """``function`` of ``arguments``; ``options_key`` names ``options`` in ``key``
+        (``value_set``: the values of an ``is_in``)."""
         expression = pc.Expression._call(function, [a.expression for a in arguments], options)
 
         def mask(table: pa.Table) -> Any:
             return pc.call_function(function, [a.mask(table) for a in arguments], options)
 
-        return cls(expression, mask)
+        key = ("call", function, options_key, *(a.key for a in arguments))
+        return cls(
+            expression,
+            mask,
+            key,
+            function=function,
+            arguments=arguments,
+            value_set=value_set,
+            options_key=options_key,
+        )
+
+    def columns(self) -> set[str]:
+        """The table columns the condition reads."""
+        if self.column_name is not None:
+            return {self.column_name}
+        return set().union(*(a.columns() for a in self.arguments))
 
 
 @dataclass
@@ -419,7 +467,11 @@ class _Compiler:
                 raise SqlError(f"IN needs at least one value for {column!r}", "syntax")
             value_set = pa.array([v.as_py() for v in values], type=values[0].type)
             return Condition.call(
-                "is_in", Condition.column(column), options=pc.SetLookupOptions(value_set)
+                "is_in",
+                Condition.column(column),
+                options=pc.SetLookupOptions(value_set),
+                options_key=(str(value_set.type), *value_set.to_pylist()),
+                value_set=value_set,
             )
         if isinstance(node, exp.Between):
             column = self.column(node.this)
@@ -510,8 +562,12 @@ class _Compiler:
         if not 0.0 < radius <= 180.0:
             raise SqlError(f"cone radius {radius} is outside (0, 180] degrees", "type_error")
         self.cones.append(Cone(ra_column, dec_column, ra0, dec0, radius))
-        ra = Condition.call("cast", Condition.column(ra_column), options=_TO_FLOAT64)
-        dec = Condition.call("cast", Condition.column(dec_column), options=_TO_FLOAT64)
+        ra = Condition.call(
+            "cast", Condition.column(ra_column), options=_TO_FLOAT64, options_key="float64"
+        )
+        dec = Condition.call(
+            "cast", Condition.column(dec_column), options=_TO_FLOAT64, options_key="float64"
+        )
 
         def number(x: float) -> Condition:
             return Condition.value(pa.scalar(x, pa.float64()))
@@ -685,6 +741,7 @@ class _Compiler:
             columns=tuple(self.used),
             filter=None if condition is None else condition.expression,
             row_mask=None if condition is None else condition.mask,
+            condition=condition,
             outputs=tuple(outputs),
             group_by=tuple(group_by),
             order_by=order_by,
@@ -762,6 +819,38 @@ _PARTIALS = {
     "min": ("min", "min"),
     "max": ("max", "max"),
 }
+_NUMPY_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "equal": np.equal,
+    "not_equal": np.not_equal,
+    "greater": np.greater,
+    "greater_equal": np.greater_equal,
+    "less": np.less,
+    "less_equal": np.less_equal,
+    "and_kleene": np.logical_and,
+    "or_kleene": np.logical_or,
+    "invert": np.logical_not,
+    "add": np.add,
+    "subtract": np.subtract,
+    "multiply": np.multiply,
+    "sin": np.sin,
+    "cos": np.cos,
+}
+# Below this many distinct values a column's group codes are its values less the
+# smallest (no hashing); above, Arrow's dictionary encoding numbers them.
+_DENSE_GROUPS = 1 << 16
+# IN lists up to this long are evaluated as ORed equalities.
+_SMALL_IN_LIST = 16
+# Rows per block of a unit: every query reads a block while it is in the processor's cache.
+BLOCK_ROWS = 1 << 18
+# Queries with at most this many groups in a unit keep per-group sums block by block.
+_BLOCKED_GROUPS = 4096
+# Keys in runs averaging at least this many rows are aggregated run by run.
+_RUN_ROWS = 16
+# A mask selecting at most one row in this many is applied by indexing (cheap when
+# sparse); denser ones by arithmetic over every row.
+_SPARSE = 16
+# Integer sums through float64 bins are exact while every partial sum stays below 2^53.
+_EXACT_FLOAT_INTEGERS = 2**53
 
 
 def _partial_specs(plan: QueryPlan) -> list[tuple[str | None, str]]:
@@ -784,14 +873,633 @@ def _partial_name(column: str | None, function: str) -> str:
     return "count_all" if column is None else f"{column}_{function}"
 
 
+@dataclass(frozen=True)
+class _Groups:
+    """Group numbers of one unit (or block) for a list of columns: each row's group
+    (None: one group, every key constant in the unit), how many groups there are,
+    and how to turn group numbers back into key values.
+
+    Keys often come in long runs (map-files are sorted by run and event, so a run
+    number or a luminosity block changes rarely): then ``starts`` are the first row
+    of each run and ``run_codes`` its group, and aggregates are taken per run.
+    """
+
+    codes: NDArray[Any] | None
+    size: int
+    uniques: tuple[pa.Array, ...]
+    radix: tuple[int, ...]
+    # When the combined numbers were compacted (too sparse): group number -> combined.
+    combined: NDArray[np.int64] | None = None
+    starts: NDArray[np.intp] | None = None
+    run_codes: NDArray[Any] | None = None
+
+    def with_runs(self) -> _Groups:
+        """The same groups, with runs when there are few (at most one per ``_RUN_ROWS``)."""
+        if self.codes is None or len(self.codes) < 2:
+            return self
+        changes = np.flatnonzero(self.codes[1:] != self.codes[:-1])
+        if len(changes) + 1 > len(self.codes) // _RUN_ROWS:
+            return self
+        starts = np.concatenate(([0], changes + 1)).astype(np.intp)
+        return replace(self, starts=starts, run_codes=self.codes[starts])
+
+    def slice(self, start: int, rows: int) -> _Groups:
+        if self.codes is None:
+            return self
+        codes = self.codes[start : start + rows]
+        if self.starts is None:
+            return replace(self, codes=codes)
+        first = int(np.searchsorted(self.starts, start, side="right"))
+        last = int(np.searchsorted(self.starts, start + rows, side="left"))
+        starts = np.concatenate(([0], self.starts[first:last] - start)).astype(np.intp)
+        return replace(self, codes=codes, starts=starts, run_codes=codes[starts])
+
+    def keys(self, groups: NDArray[np.intp]) -> list[pa.Array]:
+        """The key columns of the given group numbers."""
+        ids = groups.astype(np.int64) if self.combined is None else self.combined[groups]
+        positions: list[NDArray[np.int64]] = []
+        for size in reversed(self.radix):
+            positions.append(ids % size)
+            ids = ids // size
+        positions.reverse()
+        return [u.take(pa.array(p)) for u, p in zip(self.uniques, positions, strict=True)]
+
+
+def _narrow(codes: NDArray[Any], size: int) -> NDArray[Any]:
+    """Group numbers in the narrowest unsigned type that holds ``size`` of them (less
+    memory to stream through for every query)."""
+    for kind, limit in ((np.uint8, 1 << 8), (np.uint16, 1 << 16), (np.uint32, 1 << 32)):
+        if size <= limit:
+            return codes.astype(kind, copy=False)
+    return codes.astype(np.int64, copy=False)
+
+
+class UnitColumns:
+    """One decoded unit, shared by every query that reads it.
+
+    Each column is converted to numpy once and each list of group-by columns
+    numbered once for the whole unit; the queries then run block by block
+    (``blocks()``: views of ``BLOCK_ROWS`` rows that stay in the processor's
+    cache while every query reads them), and each condition's row mask is
+    computed once per block, by its structural key, for every query that has it.
+    Only null-free columns are converted: a query over a column with nulls (or a
+    condition numpy cannot state) is evaluated by Arrow's kernels instead, which
+    give the same answer.
+    """
+
+    def __init__(self, table: pa.Table, *, parent: UnitColumns | None = None, start: int = 0):
+        self.table = table
+        self.rows = table.num_rows
+        self.start = start
+        self._parent = parent
+        self._arrays: dict[str, NDArray[Any] | None] = {}
+        self._ranges: dict[str, tuple[Any, Any]] = {}
+        self._vectors: dict[Hashable, Any] = {}
+        self._groups: dict[tuple[str, ...], _Groups | None] = {}
+        self._null_free: dict[str, bool] = {}
+
+    def blocks(self, rows: int = 0) -> Iterator[UnitColumns]:
+        """The unit as consecutive views of ``rows`` rows (``BLOCK_ROWS`` by default)."""
+        size = rows or BLOCK_ROWS
+        if self.rows <= size:
+            yield self
+            return
+        for start in range(0, self.rows, size):
+            yield UnitColumns(self.table.slice(start, size), parent=self, start=start)
+
+    def null_free(self, columns: Sequence[str]) -> bool:
+        if self._parent is not None:
+            return self._parent.null_free(columns)
+        for name in columns:
+            if name not in self._null_free:
+                self._null_free[name] = self.table.column(name).null_count == 0
+            if not self._null_free[name]:
+                return False
+        return True
+
+    def array(self, name: str) -> NDArray[Any] | None:
+        """A null-free numeric or boolean column as numpy (None for other columns)."""
+        if name not in self._arrays:
+            if self._parent is not None:
+                whole = self._parent.array(name)
+                view = None if whole is None else whole[self.start : self.start + self.rows]
+                self._arrays[name] = view
+            else:
+                column = self.table.column(name)
+                kind = column.type
+                usable = (
+                    pa.types.is_integer(kind)
+                    or pa.types.is_floating(kind)
+                    or pa.types.is_boolean(kind)
+                )
+                self._arrays[name] = (
+                    np.asarray(column.to_numpy()) if usable and column.null_count == 0 else None
+                )
+        return self._arrays[name]
+
+    def range(self, name: str) -> tuple[Any, Any]:
+        """(smallest, largest) of a numeric column in the whole unit (NaN if it has NaN)."""
+        if self._parent is not None:
+            return self._parent.range(name)
+        if name not in self._ranges:
+            array = self.array(name)
+            assert array is not None and len(array)
+            self._ranges[name] = (array.min().item(), array.max().item())
+        return self._ranges[name]
+
+    def mask(self, condition: Condition) -> NDArray[np.bool_] | None:
+        """The rows where ``condition`` holds; None when numpy cannot state it."""
+        value = self._vector(condition)
+        if value is None:
+            return None
+        if np.ndim(value) == 0:
+            return np.full(self.rows, bool(value))
+        return np.asarray(value, dtype=np.bool_)
+
+    def _vector(self, condition: Condition) -> Any:
+        key = condition.key
+        if key not in self._vectors:
+            self._vectors[key] = self._compute(condition)
+        return self._vectors[key]
+
+    def _compute(self, condition: Condition) -> Any:
+        if condition.column_name is not None:
+            return self.array(condition.column_name)
+        if condition.scalar is not None:
+            kind = condition.scalar.type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+                return None
+            # A typed numpy scalar: numpy compares in the column's type, or float64 for a
+            # float value, as Arrow does (a Python float would compare in float32).
+            return np.array(condition.scalar.as_py(), dtype=kind.to_pandas_dtype())[()]
+        function = condition.function
+        arguments = [self._vector(a) for a in condition.arguments]
+        if any(a is None for a in arguments):
+            return self._by_arrow(condition)
+        if function == "cast" and condition.options_key == "float64":
+            return np.asarray(arguments[0], dtype=np.float64)
+        if function == "is_in":
+            return self._is_in(condition, arguments[0])
+        if function == "is_null":
+            return np.zeros(self.rows, dtype=np.bool_)  # converted columns are null-free
+        if function not in _NUMPY_FUNCTIONS:
+            return self._by_arrow(condition)
+        if len(arguments) == 2 and all(np.ndim(a) for a in arguments):
+            left, right = (np.asarray(a).dtype for a in arguments)
+            if left.kind in "iu" and right.kind in "iu" and np.result_type(left, right).kind == "f":
+                return self._by_arrow(condition)  # int64 against uint64: Arrow's rules
+        return _NUMPY_FUNCTIONS[function](*arguments)
+
+    def _is_in(self, condition: Condition, values: NDArray[Any]) -> Any:
+        column = condition.arguments[0].column_name
+        value_set = condition.value_set
+        if (
+            column is None
+            or value_set is None
+            or value_set.type != self.table.schema.field(column).type
+        ):
+            return self._by_arrow(condition)
+        wanted = value_set.to_numpy()
+        if len(wanted) <= _SMALL_IN_LIST:
+            # A few equalities beat np.isin's sort or lookup table on millions of rows.
+            found = values == wanted[0]
+            for value in wanted[1:]:
+                found |= values == value
+            return found
+        return np.isin(values, wanted)
+
+    def _by_arrow(self, condition: Condition) -> NDArray[np.bool_] | None:
+        result = condition.mask(self.table)
+        if isinstance(result, pa.Scalar) or result.null_count:
+            return None
+        return np.asarray(result.to_numpy(zero_copy_only=False))
+
+    def groups(self, columns: tuple[str, ...]) -> _Groups | None:
+        """Group numbers for ``columns`` (None when one of them holds nulls)."""
+        if columns not in self._groups:
+            if self._parent is not None:
+                whole = self._parent.groups(columns)
+                found = None if whole is None else whole.slice(self.start, self.rows)
+            else:
+                found = self._group_codes(columns) if self.rows else None
+            self._groups[columns] = found
+        return self._groups[columns]
+
+    def _column_codes(self, name: str) -> tuple[NDArray[Any] | None, pa.Array]:
+        """Each row's number among the column's distinct values (None: all the same
+        value), and the values."""
+        array = self.array(name)
+        kind = self.table.schema.field(name).type
+        if array is not None and array.dtype.kind in "iub":
+            low, high = self.range(name)
+            if low == high:
+                return None, pa.array(array[:1], type=kind)
+            if array.dtype.kind == "b":
+                return array.view(np.uint8), pa.array([False, True])
+            if high - low < max(2 * self.rows, _DENSE_GROUPS):
+                codes = _narrow(array - array.dtype.type(low), high - low + 1)
+                return codes, pa.array(np.arange(low, high + 1, dtype=array.dtype), type=kind)
+        encoded = self.table.column(name).combine_chunks().dictionary_encode()
+        return encoded.indices.to_numpy(), encoded.dictionary
+
+    def _group_codes(self, columns: tuple[str, ...]) -> _Groups | None:
+        if not self.null_free(columns):
+            return None
+        parts = [self._column_codes(name) for name in columns]
+        radix = tuple(max(1, len(uniques)) for _, uniques in parts)
+        uniques = tuple(u for _, u in parts)
+        numbered = [(codes, width) for (codes, _), width in zip(parts, radix, strict=True)]
+        if all(codes is None for codes, _ in numbered):
+            return _Groups(None, 1, uniques, radix)
+        varying = [(codes, width) for codes, width in numbered if codes is not None]
+        if len(varying) == 1:
+            # The other keys are constant here (one value each): the group is this one's.
+            return _Groups(varying[0][0], varying[0][1], uniques, radix).with_runs()
+        combined: NDArray[Any] = np.zeros(self.rows, dtype=np.int64)
+        size = 1
+        for codes, width in numbered:
+            combined = combined * width
+            if codes is not None:
+                combined += codes
+            size *= width
+        if size <= max(2 * self.rows, _DENSE_GROUPS):
+            return _Groups(_narrow(combined, size), size, uniques, radix).with_runs()
+        values, inverse = np.unique(combined, return_inverse=True)
+        compact = _Groups(_narrow(inverse, len(values)), len(values), uniques, radix, values)
+        return compact.with_runs()
+
+
+class _NotVectorisedError(Exception):
+    """numpy cannot evaluate this query on this unit: Arrow's kernels will."""
+
+
+def _acc_type(dtype: np.dtype[Any]) -> type[np.generic]:
+    """The type numpy sums a column in, as Arrow does: 64-bit of the same kind."""
+    return {"u": np.uint64, "i": np.int64}.get(dtype.kind, np.float64)
+
+
+def _extreme_start(dtype: np.dtype[Any], function: str) -> Any:
+    if dtype.kind == "f":
+        return np.inf if function == "min" else -np.inf
+    limits = np.iinfo(dtype)
+    return limits.max if function == "min" else limits.min
+
+
+def _order_key(array: NDArray[Any]) -> tuple[NDArray[Any], Callable[[NDArray[Any]], Any]]:
+    """Unsigned integers in the order of ``array``'s values, and the way back: MIN and MAX
+    then take integer passes (rows outside a mask set to 0), exact for any numeric type
+    (floats by their bits: negatives' magnitude bits flipped, then the sign bit)."""
+    if array.dtype.kind == "u":
+        return array, lambda key: key
+    width = array.dtype.itemsize * 8
+    unsigned, signed = np.dtype(f"u{array.dtype.itemsize}"), np.dtype(f"i{array.dtype.itemsize}")
+    sign = unsigned.type(1 << (width - 1))
+    if array.dtype.kind == "i":
+        return array.view(unsigned) ^ sign, lambda key: (key ^ sign).view(array.dtype)
+    low = signed.type((1 << (width - 1)) - 1)
+    bits = array.view(signed)
+    ordered = bits ^ ((bits >> (width - 1)) & low)
+
+    def back(key: NDArray[Any]) -> Any:
+        found = (key ^ sign).view(signed)
+        return (found ^ ((found >> (width - 1)) & low)).view(array.dtype)
+
+    return ordered.view(unsigned) ^ sign, back
+
+
+def _selected_sums(
+    array: NDArray[Any], mask: NDArray[np.bool_] | None, finite: bool
+) -> NDArray[Any]:
+    """``array`` with the rows outside ``mask`` set to 0: a multiplication (one fast pass),
+    or, for floats that may hold inf or NaN (0 times inf is NaN), a slower select."""
+    if mask is None:
+        return array
+    if array.dtype.kind in "iu" or finite:
+        return array * mask
+    return np.where(mask, array, array.dtype.type(0))
+
+
+def _selected_extremes(
+    function: str,
+    array: NDArray[Any],
+    mask: NDArray[np.bool_] | None,
+    starts: NDArray[np.intp] | None = None,
+) -> NDArray[Any]:
+    """MIN or MAX of ``array`` over the rows of ``mask``, in total (one value) or per run
+    beginning at ``starts``; where no row is selected the value is meaningless."""
+    key, back = _order_key(array)
+    if function == "min":
+        key = ~key
+    if mask is not None:
+        key = key * mask
+    found = np.atleast_1d(key.max() if starts is None else np.maximum.reduceat(key, starts))
+    return np.asarray(back(~found if function == "min" else found))
+
+
+class _VectorRun:
+    """One query over one unit with numpy, fed block by block: running counts, sums,
+    minima and maxima (one value, or one per group of the unit), or the numbers of
+    the matching rows; ``partial()`` is then what Arrow's kernels would have given."""
+
+    def __init__(self, accumulator: QueryAccumulator, unit: UnitColumns) -> None:
+        plan = accumulator.plan
+        if not unit.rows or not unit.null_free(plan.columns):
+            raise _NotVectorisedError
+        self.accumulator = accumulator
+        self.plan = plan
+        self.unit = unit
+        self.selected = 0
+        self.groups: _Groups | None = None
+        self.values: list[Any] = []
+        self.rows: list[NDArray[np.int64]] = []
+        self.kept = 0
+        if not plan.aggregated:
+            self.blocked = True
+            return
+        for column, function in accumulator.specs:
+            if function == "count":
+                continue
+            array = None if column is None else unit.array(column)
+            if array is None or array.dtype.kind not in "iuf":
+                raise _NotVectorisedError  # MIN/MAX of strings: Arrow's kernels
+            nan = array.dtype.kind == "f" and math.isnan(unit.range(column or "")[0])
+            if function in ("min", "max") and nan:
+                raise _NotVectorisedError  # Arrow's MIN/MAX skip NaN, numpy's do not
+        if plan.group_by:
+            self.groups = unit.groups(plan.group_by)
+            if self.groups is None:
+                raise _NotVectorisedError
+        size = 1 if self.groups is None else self.groups.size
+        # Per-group state is updated block by block only while it is small; a unit with
+        # very many groups is aggregated in one go.
+        self.blocked = size <= _BLOCKED_GROUPS
+        self.counts = np.zeros(size, dtype=np.int64)
+        for column, function in accumulator.specs:
+            if column is None or function == "count":
+                self.values.append(None)
+                continue
+            dtype = unit.array(column).dtype  # type: ignore[union-attr]
+            if function == "sum":
+                self.values.append(np.zeros(size, dtype=_acc_type(dtype)))
+            else:
+                self.values.append(np.full(size, _extreme_start(dtype, function), dtype=dtype))
+
+    def update(self, block: UnitColumns) -> None:
+        """Fold in one block of the unit (or the whole unit)."""
+        mask = None
+        if self.plan.condition is not None:
+            mask = block.mask(self.plan.condition)
+            if mask is None:
+                raise _NotVectorisedError
+        if not self.plan.aggregated:
+            self._update_rows(block, mask)
+            return
+        if self.groups is None or self.groups.codes is None:
+            selected = block.rows if mask is None else int(np.count_nonzero(mask))
+            self.counts[0] += selected
+            if selected:
+                self._update_totals(block, mask)
+            return
+        groups = block.groups(self.plan.group_by)
+        assert groups is not None and groups.codes is not None
+        if groups.starts is not None and groups.run_codes is not None:
+            self._update_runs(block, mask, groups.starts, groups.run_codes)
+            return
+        size = len(self.counts)
+        selected = block.rows if mask is None else int(np.count_nonzero(mask))
+        if mask is None or selected * _SPARSE <= block.rows:
+            self._update_groups(block, mask, groups.codes, size)
+            return
+        # A dense mask: indexing by it is slow (unpredictable branches); rows outside it
+        # go to an extra group 0 instead, and the groups are numbered from 1.
+        shifted = groups.codes.astype(np.intp)
+        shifted += 1
+        shifted *= mask
+        self.counts += np.bincount(shifted, minlength=size + 1)[1:]
+        for (column, function), state in zip(self.accumulator.specs, self.values, strict=True):
+            if state is None or column is None:
+                continue
+            array = block.array(column)
+            assert array is not None
+            if function == "sum":
+                if not self._add_binned(block, column, state, shifted, array, 1):
+                    np.add.at(state, groups.codes[mask], array[mask].astype(state.dtype))
+            else:
+                extended = np.concatenate((state[:1], state))
+                (np.minimum if function == "min" else np.maximum).at(extended, shifted, array)
+                state[:] = extended[1:]
+
+    def _update_groups(
+        self,
+        block: UnitColumns,
+        mask: NDArray[np.bool_] | None,
+        codes: NDArray[Any],
+        size: int,
+    ) -> None:
+        """Per group, over all rows or over the few rows of a sparse mask."""
+        chosen = codes if mask is None else codes[mask]
+        self.counts += np.bincount(chosen, minlength=size)
+        for (column, function), state in zip(self.accumulator.specs, self.values, strict=True):
+            if state is None or column is None:
+                continue
+            array = block.array(column)
+            assert array is not None
+            values = array if mask is None else array[mask]
+            if function == "sum":
+                if not self._add_binned(block, column, state, chosen, values, 0):
+                    np.add.at(state, chosen, values.astype(state.dtype))
+            else:
+                (np.minimum if function == "min" else np.maximum).at(state, chosen, values)
+
+    @staticmethod
+    def _add_binned(
+        block: UnitColumns,
+        column: str,
+        state: NDArray[Any],
+        codes: NDArray[Any],
+        values: NDArray[Any],
+        skip: int,
+    ) -> bool:
+        """Add per-group sums through float64 bins (the first ``skip`` bins dropped)
+        when that is exact; False when integer sums could exceed 2^53."""
+        if values.dtype.kind in "iu":
+            low, high = block.range(column)
+            if max(abs(low), abs(high)) * len(values) >= _EXACT_FLOAT_INTEGERS:
+                return False
+        binned = np.bincount(codes, weights=values, minlength=len(state) + skip)[skip:]
+        np.add(state, binned.astype(state.dtype, copy=False), out=state)
+        return True
+
+    def _update_runs(
+        self,
+        block: UnitColumns,
+        mask: NDArray[np.bool_] | None,
+        starts: NDArray[np.intp],
+        runs: NDArray[Any],
+    ) -> None:
+        """Aggregate run by run (a run of rows shares one group), then per group."""
+        if mask is None:
+            counted = np.diff(np.append(starts, block.rows))
+        else:
+            counted = np.add.reduceat(mask, starts, dtype=np.int64)
+        np.add.at(self.counts, runs, counted)
+        kept = counted > 0
+        for (column, function), state in zip(self.accumulator.specs, self.values, strict=True):
+            if state is None or column is None:
+                continue
+            array = block.array(column)
+            assert array is not None
+            if function == "sum":
+                selected = _selected_sums(array, mask, self._finite(block, column))
+                np.add.at(state, runs, np.add.reduceat(selected, starts, dtype=state.dtype))
+            else:
+                found = _selected_extremes(function, array, mask, starts)
+                extreme = np.minimum if function == "min" else np.maximum
+                extreme.at(state, runs[kept], found[kept])
+
+    @staticmethod
+    def _finite(block: UnitColumns, column: str) -> bool:
+        low, high = block.range(column)
+        return math.isfinite(low) and math.isfinite(high)
+
+    def _update_totals(self, block: UnitColumns, mask: NDArray[np.bool_] | None) -> None:
+        selected = block.rows if mask is None else int(np.count_nonzero(mask))
+        sparse = mask is not None and selected * _SPARSE <= block.rows
+        for (column, function), state in zip(self.accumulator.specs, self.values, strict=True):
+            if state is None or column is None:
+                continue
+            array = block.array(column)
+            assert array is not None
+            if sparse:
+                values = array[mask]
+                if function == "sum":
+                    state[0] += np.add.reduce(values, dtype=state.dtype)
+                elif function == "min":
+                    state[0] = min(state[0], values.min())
+                else:
+                    state[0] = max(state[0], values.max())
+            elif function == "sum":
+                selected_values = _selected_sums(array, mask, self._finite(block, column))
+                state[0] += np.add.reduce(selected_values, dtype=state.dtype)
+            else:
+                found = _selected_extremes(function, array, mask)[0]
+                state[0] = min(state[0], found) if function == "min" else max(state[0], found)
+
+    def _update_rows(self, block: UnitColumns, mask: NDArray[np.bool_] | None) -> None:
+        plan = self.plan
+        wanted: int | None = None
+        if plan.limit is not None and not plan.order_by:
+            wanted = max(plan.limit - self.accumulator.held - self.kept, 0)
+            if wanted == 0:
+                return
+        if mask is None:
+            found = np.arange(block.start, block.start + block.rows, dtype=np.int64)
+        else:
+            found = np.flatnonzero(mask).astype(np.int64) + block.start
+        if wanted is not None:
+            found = found[:wanted]
+        self.rows.append(found)
+        self.kept += len(found)
+
+    def partial(self, schema: pa.Schema | None) -> pa.Table:
+        """The unit's partial result: projected rows, or partial aggregates in ``schema``."""
+        if not self.plan.aggregated:
+            return self._projected()
+        assert schema is not None
+        if self.groups is None or self.groups.codes is None:
+            if self.groups is not None and self.counts[0] == 0:
+                return schema.empty_table()
+            present = np.zeros(1, dtype=np.intp)
+        else:
+            present = np.flatnonzero(self.counts)
+        keys = [] if self.groups is None else self.groups.keys(present)
+        columns: list[pa.Array] = list(keys)
+        empty = self.groups is None and self.counts[0] == 0
+        for state, field_ in zip(self.values, list(schema)[len(keys) :], strict=True):
+            if state is None:
+                columns.append(pa.array(self.counts[present], type=field_.type))
+            elif empty:
+                columns.append(pa.nulls(1, type=field_.type))  # SUM/MIN/MAX of no rows
+            else:
+                columns.append(pa.array(state[present], type=field_.type))
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def _projected(self) -> pa.Table:
+        outputs = [o for o in self.plan.outputs if o.column is not None]
+        chosen = np.concatenate(self.rows) if self.rows else np.zeros(0, dtype=np.int64)
+        columns: list[Any] = []
+        fields = []
+        for out in outputs:
+            assert out.column is not None
+            array = self.unit.array(out.column)
+            column_field = self.unit.table.schema.field(out.column)
+            fields.append(column_field.with_name(out.name))
+            if array is not None:
+                columns.append(pa.array(array[chosen], type=column_field.type))
+            else:
+                columns.append(self.unit.table.column(out.column).take(pa.array(chosen)))
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def feed_unit(
+    accumulators: Sequence[QueryAccumulator], data: pa.Table | UnitColumns
+) -> list[Exception | None]:
+    """Evaluate one unit for many queries at once: the numpy queries block by block
+    (every query on a block while it is in cache), the others with Arrow's kernels.
+    Returns, per accumulator, the error that stopped it (``SqlError`` such as too
+    many rows, or an Arrow or type error), else None; the others are not affected."""
+    unit = data if isinstance(data, UnitColumns) else UnitColumns(data)
+    failures: list[Exception | None] = [None] * len(accumulators)
+    runs: dict[int, _VectorRun] = {}
+    for number, accumulator in enumerate(accumulators):
+        accumulator.units += 1
+        accumulator.rows_seen += unit.rows
+        if not accumulator.plan.aggregated and accumulator.satisfied:
+            continue
+        try:
+            runs[number] = _VectorRun(accumulator, unit)
+        except _NotVectorisedError:
+            failures[number] = _guarded(accumulator.add_by_arrow, unit.table)
+    blocked = [n for n, run in runs.items() if run.blocked]
+    for block in unit.blocks() if blocked else ():
+        for number in blocked:
+            if number in runs:
+                failures[number] = _guarded(runs[number].update, block)
+                if failures[number] is not None:
+                    del runs[number]
+    for number, run in runs.items():
+        if not run.blocked:
+            failures[number] = _guarded(run.update, unit)
+            if failures[number] is not None:
+                continue
+        failures[number] = _guarded(accumulators[number].absorb_run, run)
+    for number, failure in enumerate(failures):
+        if isinstance(failure, _NotVectorisedError):
+            failures[number] = _guarded(accumulators[number].add_by_arrow, unit.table)
+    return failures
+
+
+def _guarded(action: Callable[[Any], None], argument: Any) -> Exception | None:
+    try:
+        action(argument)
+    except (_NotVectorisedError, SqlError, pa.ArrowException, ValueError, TypeError) as exc:
+        return exc
+    return None
+
+
 class QueryAccumulator:
     """Evaluates a plan on units one at a time and merges what each gives.
 
-    ``add(unit_table)`` filters the unit, projects or aggregates it and folds
-    the partial result in; ``result()`` is the final answer (ORDER BY and LIMIT
-    applied). ``satisfied`` turns true when a LIMIT without ORDER BY is reached,
-    so the query needs no more units. More than ``max_rows`` result rows (or
-    groups) raises ``ResultTooLargeError``.
+    ``add(unit)`` filters the unit, projects or aggregates it and folds the
+    partial result in (``feed_unit`` does so for many queries on one unit);
+    ``result()`` is the final answer (ORDER BY and LIMIT applied). ``satisfied``
+    turns true when a LIMIT without ORDER BY is reached, so the query needs no
+    more units. More than ``max_rows`` result rows (or groups) raises
+    ``ResultTooLargeError``. ``partial()`` and ``absorb()`` carry what one
+    accumulator holds into another (units evaluated elsewhere).
+
+    A unit is evaluated with numpy when its columns allow, else with Arrow's
+    kernels; both give the same rows and the same aggregate types.
     """
 
     def __init__(self, plan: QueryPlan, max_rows: int) -> None:
@@ -799,9 +1507,15 @@ class QueryAccumulator:
         self.max_rows = max_rows
         self.rows_seen = 0
         self.units = 0
+        self.specs = _partial_specs(plan)
         self._pieces: list[pa.Table] = []
         self._held = 0
-        self._specs = _partial_specs(plan)
+        self._partial_schema: pa.Schema | None = None
+
+    @property
+    def held(self) -> int:
+        """Rows (or groups) held so far."""
+        return self._held
 
     @property
     def satisfied(self) -> bool:
@@ -813,24 +1527,60 @@ class QueryAccumulator:
             and self._held >= plan.limit
         )
 
-    def add(self, table: pa.Table) -> None:
-        self.units += 1
-        self.rows_seen += table.num_rows
-        # Only this query's columns: filtering copies every column of the table it is given.
-        table = table.select(list(self.plan.columns))
-        if self.plan.row_mask is not None and table.num_rows:
-            table = table.filter(self.plan.row_mask(table))
-        if self.plan.aggregated:
-            self._add_partial(table)
-        else:
-            self._add_rows(table)
+    def add(self, data: pa.Table | UnitColumns) -> None:
+        """Evaluate the plan on one unit (a table, or a unit shared with other queries)."""
+        (failure,) = feed_unit([self], data)
+        if failure is not None:
+            raise failure
 
-    def _add_partial(self, table: pa.Table) -> None:
-        aggregations: list[tuple[Any, ...]] = [
+    def absorb(self, piece: pa.Table) -> None:
+        """Fold in a partial result: aggregates of some units, or their projected rows."""
+        if self.plan.aggregated:
+            self._fold_partial(piece)
+        else:
+            self._fold_rows(piece)
+
+    def partial(self) -> pa.Table | None:
+        """What this accumulator holds, for another one to ``absorb`` (None: nothing)."""
+        if not self._pieces:
+            return None
+        if self.plan.aggregated:
+            return self._merged()
+        combined = pa.concat_tables(self._pieces)
+        return self._top(combined) if self.plan.limit is not None else combined
+
+    def add_by_arrow(self, table: pa.Table) -> None:
+        """Evaluate the plan on a unit's table with Arrow's kernels."""
+        filtered = table.select(list(self.plan.columns))
+        if self.plan.row_mask is not None and filtered.num_rows:
+            filtered = filtered.filter(self.plan.row_mask(filtered))
+        if self.plan.aggregated:
+            self.absorb(filtered.group_by(list(self.plan.group_by)).aggregate(self._aggregations()))
+        elif not self.satisfied:
+            self.absorb(self._project(filtered))
+
+    def absorb_run(self, run: _VectorRun) -> None:
+        """Fold in a unit evaluated with numpy."""
+        schema = self._schema_of_partials(run.unit.table) if self.plan.aggregated else None
+        self.absorb(run.partial(schema))
+
+    def _aggregations(self) -> list[tuple[Any, ...]]:
+        return [
             ([], "count_all") if column is None else (column, function)
-            for column, function in self._specs
+            for column, function in self.specs
         ]
-        partial = table.group_by(list(self.plan.group_by)).aggregate(aggregations)
+
+    def _schema_of_partials(self, table: pa.Table) -> pa.Schema:
+        """The partial aggregates' schema, as Arrow's kernels make it."""
+        if self._partial_schema is None:
+            empty = table.select(list(self.plan.columns)).slice(0, 0)
+            self._partial_schema = (
+                empty.group_by(list(self.plan.group_by)).aggregate(self._aggregations()).schema
+            )
+        return self._partial_schema
+
+    # -- folding
+    def _fold_partial(self, partial: pa.Table) -> None:
         self._pieces.append(partial)
         self._held += partial.num_rows
         if len(self._pieces) >= 16 or self._held > self.max_rows:
@@ -843,10 +1593,10 @@ class QueryAccumulator:
         table = pa.concat_tables(self._pieces, promote_options="permissive")
         merges = [
             (_partial_name(column, function), _PARTIALS[function][1])
-            for column, function in self._specs
+            for column, function in self.specs
         ]
         merged = table.group_by(list(self.plan.group_by)).aggregate(merges)
-        names = [*self.plan.group_by, *(_partial_name(c, f) for c, f in self._specs)]
+        names = [*self.plan.group_by, *(_partial_name(c, f) for c, f in self.specs)]
         renamed = {f"{name}_{merge}": name for name, merge in merges}
         return merged.rename_columns([renamed.get(n, n) for n in merged.column_names]).select(names)
 
@@ -861,11 +1611,10 @@ class QueryAccumulator:
             table = table.sort_by(order)
         return table.slice(0, plan.limit) if plan.limit is not None else table
 
-    def _add_rows(self, table: pa.Table) -> None:
+    def _fold_rows(self, projected: pa.Table) -> None:
         plan = self.plan
-        if self.satisfied or table.num_rows == 0:
+        if self.satisfied or projected.num_rows == 0:
             return
-        projected = self._project(table)
         if plan.limit is not None:
             projected = self._top(projected)
         self._pieces.append(projected)
@@ -892,7 +1641,7 @@ class QueryAccumulator:
         else:
             # No unit read yet (cannot happen for a table with units): an empty answer.
             merged = pa.table(
-                {_partial_name(c, f): pa.array([], pa.int64()) for c, f in self._specs}
+                {_partial_name(c, f): pa.array([], pa.int64()) for c, f in self.specs}
             )
         columns: dict[str, pa.Array | pa.ChunkedArray] = {}
         for out in plan.outputs:

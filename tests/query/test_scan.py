@@ -3,18 +3,29 @@ cancellation, direct answers and restarts through the scan worker."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from eventindex.config import QuerySettings
+from eventindex.errors import EventIndexError
 from eventindex.query.registry import QueryRegistry, QueryState
-from eventindex.query.scan import ScanWorker, SharedScan, is_direct, selected_units
+from eventindex.query.scan import (
+    ScanWorker,
+    SharedScan,
+    UnitOutcome,
+    direct_route,
+    evaluate_unit,
+    selected_units,
+)
 from eventindex.query.sql import compile_query
-from eventindex.query.tables import resolve_table
+from eventindex.query.tables import ScanTable, resolve_table
 from tests.query.scan_tables import (
     OBJECT_COLLECTION,
     QueryStores,
@@ -138,20 +149,26 @@ def test_small_cones_and_key_picks_are_direct(stores: QueryStores) -> None:
         f"SELECT object_id FROM {OBJECT_COLLECTION} WHERE CONE(ra, dec, 30, 10, 1)",
         max_result_rows=100,
     )[1]
-    assert is_direct(objects, small, 2)
+    route = direct_route(objects, small, 2)
+    assert route is not None and route.units == (0,)
     assert selected_units(objects, small) == [0]
     everywhere = compile_query(
         stores.catalog,
         f"SELECT object_id FROM {OBJECT_COLLECTION} WHERE CONE(ra, dec, 30, 10, 120)",
         max_result_rows=100,
     )[1]
-    assert not is_direct(objects, everywhere, 2)
+    assert direct_route(objects, everywhere, 2) is None
     by_id = compile_query(
         stores.catalog,
         f"SELECT * FROM {OBJECT_COLLECTION} WHERE object_id = 17",
         max_result_rows=100,
     )[1]
-    assert by_id.point_lookup and is_direct(objects, by_id, 0)
+    by_key = direct_route(objects, by_id, 0)
+    # Read through the key index of every file whose key range may hold it.
+    assert by_id.point_lookup and by_key is not None
+    holders = tuple(i for i, u in enumerate(objects.units) if u.may_hold((17,), (17,)))
+    assert by_key.units == holders
+    assert set(by_key.bounds.values()) == {(((17,), (17,)),)}
 
 
 def _submit(registry: QueryRegistry, stores: QueryStores, sql: str, who: str = "tester") -> str:
@@ -219,3 +236,86 @@ def test_cancel_and_restart(stores: QueryStores, tmp_path: Path) -> None:
         assert record.state is QueryState.DONE
         assert pq.read_table(record.result_path or "").equals(run_everywhere(stores, QUERIES[1]))
         assert registry.get(drop).state is QueryState.CANCELLED
+
+
+def test_the_worker_process_runs_nicer_on_every_thread() -> None:
+    # In a child process: niceness cannot be taken back without privileges.
+    code = """
+import json, os, threading
+from pathlib import Path
+import pyarrow
+from eventindex.config import QuerySettings
+from eventindex.query.scan import background_worker
+started, stop = threading.Event(), threading.Event()
+def idle():
+    started.set()
+    stop.wait(10)
+thread = threading.Thread(target=idle)
+thread.start()
+started.wait()
+before = os.getpriority(os.PRIO_PROCESS, 0)
+after = background_worker(QuerySettings(worker_nice=3, worker_threads=1))
+tasks = [int(t.name) for t in Path("/proc/self/task").iterdir()]
+nice = sorted({os.getpriority(os.PRIO_PROCESS, t) for t in tasks})
+stop.set()
+thread.join()
+print(json.dumps([before, after, nice, pyarrow.cpu_count(), len(tasks)]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    before, after, nice, threads, tasks = json.loads(result.stdout)
+    assert after == min(19, before + 3)
+    assert tasks >= 2 and nice == [after]  # the thread started before, too
+    assert threads == 1
+
+
+class InProcessEvaluator:
+    """A ``ScanEvaluator`` that runs each step's units here, as Spark's tasks would."""
+
+    def __init__(self, units_per_step: int, *, broken: bool = False) -> None:
+        self.units_per_step = units_per_step
+        self.broken = broken
+        self.steps: list[list[int]] = []
+
+    def evaluate(
+        self,
+        table: ScanTable,
+        work: Sequence[tuple[int, Sequence[tuple[str, str]]]],
+        max_rows: int,
+    ) -> list[UnitOutcome]:
+        self.steps.append([unit for unit, _ in work])
+        if self.broken:
+            raise EventIndexError("executor lost")
+        return [evaluate_unit(table, unit, queries, max_rows) for unit, queries in work]
+
+
+def test_batched_steps_give_the_local_answers(stores: QueryStores) -> None:
+    table = resolve_table(stores.catalog, EVENTS)
+    units = len(table.units)
+    evaluator = InProcessEvaluator(units_per_step=2)
+    walk = SharedScan(table, max_queries=8, max_rows=100_000, evaluator=evaluator)
+    plans = [compile_query(stores.catalog, sql, max_result_rows=10**5)[1] for sql in QUERIES]
+    walk.join("first", plans[0])
+    finished = {d.query_id: d for d in walk.step().finished}
+    late = walk.join("late", plans[1])
+    assert late.joined_at == 2 % units
+    while not walk.idle:
+        finished.update({d.query_id: d for d in walk.step().finished})
+    # Each rider read every unit once; only the late rider's last two units were read
+    # a second time.
+    assert finished["first"].units_done == finished["late"].units_done == units
+    assert finished["late"].units_shared == units - 2
+    assert sum(len(step) for step in evaluator.steps) == walk.units_read == units + 2
+    for name, sql in (("first", QUERIES[0]), ("late", QUERIES[1])):
+        result = finished[name].result
+        assert result is not None and result.equals(run_everywhere(stores, sql))
+
+    broken = SharedScan(
+        table, max_queries=8, max_rows=100, evaluator=InProcessEvaluator(3, broken=True)
+    )
+    broken.join("a", plans[0])
+    broken.join("b", plans[2])
+    failed = broken.step().finished
+    assert broken.idle and {d.query_id for d in failed} == {"a", "b"}
+    assert all(d.error is not None and "executor lost" in d.error for d in failed)
