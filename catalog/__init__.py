@@ -13,6 +13,7 @@ from collections.abc import Callable
 from catalog.base import Catalog
 from catalog.hbase import HBaseCatalog
 from catalog.model import Collection, Dataset, FileKind, FileState, Key, TagFile, new_file_id
+from catalog.rules import SupersededError
 from catalog.sqlite import SQLiteCatalog
 from eventindex.config import CatalogSettings
 from eventindex.errors import ConfigError
@@ -58,6 +59,7 @@ __all__ = [
     "HBaseCatalog",
     "Key",
     "SQLiteCatalog",
+    "SupersededError",
     "TagFile",
     "load_catalog",
     "new_file_id",

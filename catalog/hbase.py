@@ -18,13 +18,15 @@ collection_datasets     collection NUL dataset                    m:x (prefix sc
                                                                   a collection)
 tagfiles                dataset NUL file_id                       m:doc (JSON of the immutable
                                                                   fields), s:state,
-                                                                  s:committed_at (prefix scan:
-                                                                  files of a dataset)
+                                                                  s:committed_at, s:retired_at
+                                                                  (prefix scan: files of a
+                                                                  dataset)
 tagfile_by_id           file_id                                   m:row (the tagfiles row key)
 keyrange                collection NUL hex(k0_min) NUL file_id    m:k0_max, m:dataset (range
                                                                   scan: files whose first key
                                                                   component starts <= hi)
-superseded              superseded file_id                        f:<superseding file_id>
+superseded              superseded file_id                        f:<superseding file_id> = the
+                                                                  time its commit began
 holdings                file_id                                   g:<guid>, i:<message id> (own
                                                                   and inherited from the files it
                                                                   supersedes)
@@ -42,15 +44,39 @@ as a mere candidate that is checked against the authoritative row. A crash
 leaves at worst index cells that point at nothing or at a file still being
 written, and readers skip those. ``commit_tagfile`` writes the index rows, then
 the file's row with state ``committed`` and its ``supersedes`` list in ONE put
-(the commit point), then marks the superseded rows retired. Until that last
-step finishes, readers treat a committed file superseded by a committed file as
-retired, so nobody sees both.
+(the commit point), then marks the superseded rows retired (with the commit
+time as ``s:retired_at``). Until that last step finishes, readers treat a
+committed file superseded by a committed file as retired, so nobody sees both.
+Rows written before ``s:retired_at`` existed simply lack it (``retired_at`` is
+``None``; ``catalog gc`` stamps such entries before it counts their grace time).
 
-Limits of HBase through Thrift: there is no check-and-put in happybase, so two
-processes committing the same file id, or creating the same collection, at the
-same moment are not serialised (file ids are unique per writer); and a row
-deleted and re-created within the same millisecond can stay hidden behind the
-delete marker.
+Two jobs replacing one file (two compactions of a dataset at once): a commit
+must not supersede a file that is already retired. There is no check-and-put in
+happybase, so the check is a protocol: each commit first writes its intent,
+the cell ``superseded[old] f:<new> = start time``, then reads every intent on
+the files it supersedes, and refuses (``SupersededError``) if another file
+already committed over one of them, or another commit's intent is younger than
+``INTENT_SECONDS`` (a commit in flight; a refused commit deletes its intents).
+Per-row reads and writes are linearisable, so of two overlapping commits at
+least one sees the other's intent: at worst both are refused, never both made.
+The residual window: a commit that stalls for more than ``INTENT_SECONDS``
+between its check and its commit point (it refuses itself if the stall came
+before its last clock check, but not after), while a rival, seeing a stale
+intent, goes ahead; and writers of older versions, which write no intent. If
+both do commit, readers apply one deterministic rule: of the committed files
+that supersede a common file, the one committed first (``committed_at``, then
+file id) keeps its commit; the later one reads as retired (``retired_at`` = its
+own commit time) and supersedes nothing, so each record is live exactly once.
+The later commit also marks nothing retired if it sees the other one (if the
+other lands after that check, files only the later one superseded stay marked
+retired and their records unlisted until an operator re-commits them); its
+extension files, committed with it, stay committed, and ``catalog verify``
+reports them (their master is not committed).
+
+Other limits of HBase through Thrift: two processes committing the same file
+id, or creating the same collection, at the same moment are not serialised
+(file ids are unique per writer); and a row deleted and re-created within the
+same millisecond can stay hidden behind the delete marker.
 """
 
 from __future__ import annotations
@@ -58,7 +84,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -67,8 +93,10 @@ import orjson
 from catalog.base import Catalog
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile
 from catalog.rules import (
+    SupersededError,
     check_batch,
     check_batch_supersedes,
+    check_supersedes_live,
     check_tagfile,
     in_first_key_range,
     listing_order,
@@ -82,6 +110,9 @@ _K0_OFFSET = 2**63
 _K0_LIMIT = 2**64  # first key components must lie in [-2**63, 2**64)
 _MULTI_GET = 1000  # rows per Thrift multi-get
 _BATCH = 1000  # mutations per Thrift batch
+# A commit's intent on the files it supersedes counts this long; a younger one
+# of another commit refuses ours (see the module doc).
+INTENT_SECONDS = 300.0
 
 # table -> column families; every family keeps one version (no history needed).
 TABLES: dict[str, tuple[str, ...]] = {
@@ -101,6 +132,7 @@ TABLES: dict[str, tuple[str, ...]] = {
 _DOC = b"m:doc"
 _STATE = b"s:state"
 _COMMITTED_AT = b"s:committed_at"
+_RETIRED_AT = b"s:retired_at"
 _ROW = b"m:row"
 _K0_MAX = b"m:k0_max"
 _DATASET = b"m:dataset"
@@ -451,27 +483,67 @@ class HBaseCatalog(Catalog):
                 found[tagfile.file_id] = tagfile
         return found
 
+    def _successors(self, file_ids: Iterable[str]) -> dict[str, list[str]]:
+        """File ids that recorded an intent to supersede each file (candidates only)."""
+        links = self._multi("superseded", (i.encode() for i in file_ids))
+        return {key.decode(): _qualifiers(cells, b"f") for key, cells in links.items()}
+
     def _effective(self, tagfiles: Sequence[TagFile]) -> list[TagFile]:
-        """Apply the rule that a committed file superseded by a committed file is retired."""
-        committed = [t.file_id for t in tagfiles if t.state is FileState.COMMITTED]
-        links = self._multi("superseded", (i.encode() for i in committed))
-        successors = {key.decode(): _qualifiers(cells, b"f") for key, cells in links.items()}
+        """Apply the rule that a committed file superseded by a committed file is retired
+        (since that file's commit), and the double-commit rule of the module doc."""
+        committed = [t for t in tagfiles if t.state is FileState.COMMITTED]
+        successors = self._successors(t.file_id for t in committed)
         known = {t.file_id: t for t in tagfiles}
         unknown = {s for names in successors.values() for s in names if s not in known}
         known.update(self._stored(unknown))
-        retired = {
-            old
-            for old, names in successors.items()
-            if any(
-                (new := known.get(name)) is not None
-                and new.state is FileState.COMMITTED
-                and old in new.supersedes
-                for name in names
-            )
-        }
-        return [
-            replace(t, state=FileState.RETIRED) if t.file_id in retired else t for t in tagfiles
-        ]
+        taken_by: dict[str, list[TagFile]] = {}
+        for old, names in successors.items():
+            for name in names:
+                new = known.get(name)
+                if new is not None and new.state is FileState.COMMITTED and old in new.supersedes:
+                    taken_by.setdefault(old, []).append(new)
+        judged = {t.file_id: t for t in committed if t.supersedes}
+        judged.update({new.file_id: new for news in taken_by.values() for new in news})
+        void = self._void(list(judged.values()))
+        found: list[TagFile] = []
+        for tagfile in tagfiles:
+            if tagfile.state is not FileState.COMMITTED:
+                found.append(tagfile)
+            elif tagfile.file_id in void:
+                found.append(
+                    replace(tagfile, state=FileState.RETIRED, retired_at=_commit_order(tagfile)[0])
+                )
+            elif times := [
+                _commit_order(new)[0]
+                for new in taken_by.get(tagfile.file_id, [])
+                if new.file_id not in void
+            ]:
+                found.append(replace(tagfile, state=FileState.RETIRED, retired_at=min(times)))
+            else:
+                found.append(tagfile)
+        return found
+
+    def _void(self, tagfiles: Sequence[TagFile]) -> set[str]:
+        """The committed files that lost a double commit: another committed (or since
+        retired) file supersedes one of the same files and was committed first."""
+        successors = self._successors({old for t in tagfiles for old in t.supersedes})
+        known = {t.file_id: t for t in tagfiles}
+        rivals = {s for names in successors.values() for s in names if s not in known}
+        known.update(self._stored(rivals))
+        void: set[str] = set()
+        for tagfile in tagfiles:
+            for old in tagfile.supersedes:
+                for name in successors.get(old, ()):
+                    rival = known.get(name)
+                    if (
+                        rival is not None
+                        and name != tagfile.file_id
+                        and rival.state is not FileState.WRITING
+                        and old in rival.supersedes
+                        and _commit_order(rival) < _commit_order(tagfile)
+                    ):
+                        void.add(tagfile.file_id)
+        return void
 
     def get_tagfile(self, file_id: str) -> TagFile:
         with self._op():
@@ -603,7 +675,7 @@ class HBaseCatalog(Catalog):
             self._put_many("tagfiles", ((_tagfile_key(t), _tagfile_cells(t)) for t in plain))
             for tagfile in tagfiles:
                 if tagfile.state is FileState.COMMITTED:
-                    self._write_committed(tagfile, None)
+                    self._apply(tagfile, None, *self._prepare(tagfile))
 
     def _write_index(self, tagfiles: Sequence[TagFile]) -> None:
         self._put_many(
@@ -621,35 +693,112 @@ class HBaseCatalog(Catalog):
             ),
         )
 
-    def _write_committed(self, entry: TagFile, previous: TagFile | None) -> None:
-        """Index rows, then the commit point (one put), then retire what it supersedes."""
+    def _prepare(self, entry: TagFile) -> tuple[dict[str, TagFile], float]:
+        """Before a commit point: record this commit's intent on every file it supersedes,
+        then check that none is retired or being superseded by another commit.
+        Returns the superseded entries and when the intent was written."""
         olds = self._stored(entry.supersedes)
         missing = sorted(set(entry.supersedes) - set(olds))
         if missing:
             raise NotFoundError(f"TagFile {entry.file_id} supersedes unknown files: {missing}")
-        # The new file holds its own records and those of the files it replaces.
-        guids = dict.fromkeys(entry.guids)
-        messages = dict.fromkeys(entry.message_ids)
-        for cells in self._multi("holdings", (o.encode() for o in entry.supersedes)).values():
-            guids.update(dict.fromkeys(_qualifiers(cells, b"g")))
-            messages.update(dict.fromkeys(_qualifiers(cells, b"i")))
-        file_id = entry.file_id.encode()
-        column = b"f:" + file_id
-        self._write_index([entry])
-        self._put_many("superseded", ((o.encode(), {column: b""}) for o in entry.supersedes))
-        holdings = {b"g:" + g.encode(): b"" for g in guids}
-        holdings.update({b"i:" + m.encode(): b"" for m in messages})
-        if holdings:
-            self._tables["holdings"].put(file_id, holdings)
-        self._put_many("guids", ((g.encode(), {column: b""}) for g in guids))
-        self._put_many("messages", ((m.encode(), {column: b""}) for m in messages))
+        started = time.time()
+        if not olds:
+            return olds, started
+        column = b"f:" + entry.file_id.encode()
+        self._put_many("superseded", ((o.encode(), {column: repr(started).encode()}) for o in olds))
+        try:
+            states = {t.file_id: t.state for t in self._effective(list(olds.values()))}
+            check_supersedes_live(entry, states)
+            self._check_rivals(entry, started)
+        except BaseException:
+            self._release(entry, olds)
+            raise
+        return olds, started
+
+    def _check_rivals(self, entry: TagFile, started: float) -> None:
+        """Refuse if another file committed over, or is committing over, what ``entry``
+        supersedes (its intent is on the same rows)."""
+        successors = self._successors(entry.supersedes)
+        names = {n for ns in successors.values() for n in ns if n != entry.file_id}
+        rivals = self._stored(names)
+        for old, found in sorted(successors.items()):
+            for name in found:
+                if name == entry.file_id:
+                    continue
+                rival = rivals.get(name)
+                if rival is not None and rival.state is not FileState.WRITING:
+                    if old in rival.supersedes:
+                        raise SupersededError(
+                            f"TagFile {entry.file_id} supersedes {old}, already superseded "
+                            f"by {name}: drop this file"
+                        )
+                    continue  # a link left by an attempt that dropped it
+                cell = self._get("superseded", old.encode(), [b"f:" + name.encode()])
+                value = next(iter(cell.values()), b"")
+                since = float(value) if value else 0.0
+                if started - since < INTENT_SECONDS:
+                    raise SupersededError(
+                        f"TagFile {entry.file_id} supersedes {old}, which another commit "
+                        f"({name}) is superseding right now: drop this file"
+                    )
+
+    def _release(self, entry: TagFile, olds: Mapping[str, TagFile]) -> None:
+        """Delete the intents of a commit that will not happen (best effort: stale
+        intents stop counting after ``INTENT_SECONDS``)."""
+        with suppress(CatalogError), self._translated():
+            self._delete_present(
+                "superseded", (o.encode() for o in olds), b"f:" + entry.file_id.encode()
+            )
+
+    def _apply(
+        self,
+        entry: TagFile,
+        previous: TagFile | None,
+        olds: dict[str, TagFile],
+        started: float,
+    ) -> None:
+        """Index rows, then the commit point (one put), then retire what it supersedes."""
+        try:
+            # The new file holds its own records and those of the files it replaces.
+            guids = dict.fromkeys(entry.guids)
+            messages = dict.fromkeys(entry.message_ids)
+            for cells in self._multi("holdings", (o.encode() for o in entry.supersedes)).values():
+                guids.update(dict.fromkeys(_qualifiers(cells, b"g")))
+                messages.update(dict.fromkeys(_qualifiers(cells, b"i")))
+            column = b"f:" + entry.file_id.encode()
+            self._write_index([entry])
+            holdings = {b"g:" + g.encode(): b"" for g in guids}
+            holdings.update({b"i:" + m.encode(): b"" for m in messages})
+            if holdings:
+                self._tables["holdings"].put(entry.file_id.encode(), holdings)
+            self._put_many("guids", ((g.encode(), {column: b""}) for g in guids))
+            self._put_many("messages", ((m.encode(), {column: b""}) for m in messages))
+            if olds and time.time() - started >= INTENT_SECONDS:
+                # Our intent may no longer hold rivals back: refuse rather than race.
+                raise SupersededError(
+                    f"TagFile {entry.file_id}: the commit stalled for more than "
+                    f"{INTENT_SECONDS:.0f} s before its commit point; retry it"
+                )
+        except BaseException:
+            self._release(entry, olds)
+            raise
         # The commit point: readers now see this file committed and, by the
         # supersession rule, the old ones retired.
         self._tables["tagfiles"].put(_tagfile_key(entry), _tagfile_cells(entry))
-        self._put_many(
-            "tagfiles",
-            ((_tagfile_key(o), {_STATE: FileState.RETIRED.value.encode()}) for o in olds.values()),
-        )
+        # A commit that lost a double commit (module doc) marks nothing retired: the
+        # readers' rule voids it, and what only it superseded must stay live.
+        if not self._void([entry]):
+            retired_at = repr(entry.committed_at or started).encode()
+            self._put_many(
+                "tagfiles",
+                (
+                    (
+                        _tagfile_key(o),
+                        {_STATE: FileState.RETIRED.value.encode(), _RETIRED_AT: retired_at},
+                    )
+                    for o in olds.values()
+                ),
+            )
         if (
             previous is not None
             and previous.key_min
@@ -657,29 +806,63 @@ class HBaseCatalog(Catalog):
         ):
             self._tables["keyrange"].delete(_keyrange_key(previous))
 
+    def _check_committable(self, tagfile: TagFile, stored: TagFile | None) -> None:
+        """Only a new file or one being written can be committed, in its own dataset."""
+        if stored is None:
+            return
+        state = self._effective([stored])[0].state
+        if state is not FileState.WRITING:
+            raise CatalogError(
+                f"TagFile {tagfile.file_id} is {state.value}; "
+                "only a file being written can be committed"
+            )
+        if stored.dataset != tagfile.dataset:
+            raise CatalogError(
+                f"TagFile {tagfile.file_id} was registered in dataset "
+                f"{stored.dataset!r}, not {tagfile.dataset!r}"
+            )
+
     def commit_tagfile(self, tagfile: TagFile) -> TagFile:
-        _check_tagfile(tagfile)
+        return self.commit_tagfiles([tagfile])[0]
+
+    def commit_tagfiles(self, tagfiles: Sequence[TagFile]) -> list[TagFile]:
+        """Commit entries one after the other (HBase is atomic per row), after checking
+        ALL of them and recording every intent: a refused file commits nothing."""
+        tagfiles = list(tagfiles)
+        ids = check_batch(tagfiles)
+        for tagfile in tagfiles:
+            _check_row_keys(tagfile)
         with self._op():
-            self._require_datasets([tagfile])
-            stored = self._stored([tagfile.file_id]).get(tagfile.file_id)
-            if stored is not None:
-                state = self._effective([stored])[0].state
-                if state is not FileState.WRITING:
-                    raise CatalogError(
-                        f"TagFile {tagfile.file_id} is {state.value}; "
-                        "only a file being written can be committed"
-                    )
-                if stored.dataset != tagfile.dataset:
-                    raise CatalogError(
-                        f"TagFile {tagfile.file_id} was registered in dataset "
-                        f"{stored.dataset!r}, not {tagfile.dataset!r}"
-                    )
-            entry = replace(tagfile, state=FileState.COMMITTED, committed_at=time.time())
-            self._write_committed(entry, stored)
-        return entry
+            self._require_datasets(tagfiles)
+            stored = self._stored(ids)
+            for tagfile in tagfiles:
+                self._check_committable(tagfile, stored.get(tagfile.file_id))
+            now = time.time()
+            entries = [
+                replace(t, state=FileState.COMMITTED, committed_at=now, retired_at=None)
+                for t in tagfiles
+            ]
+            prepared: list[tuple[TagFile, dict[str, TagFile], float]] = []
+            try:
+                for entry in entries:
+                    prepared.append((entry, *self._prepare(entry)))
+            except BaseException:
+                for entry, olds, _ in prepared:
+                    self._release(entry, olds)
+                raise
+            for number, (entry, olds, started) in enumerate(prepared):
+                try:
+                    self._apply(entry, stored.get(entry.file_id), olds, started)
+                except BaseException:
+                    for later, later_olds, _ in prepared[number + 1 :]:
+                        self._release(later, later_olds)
+                    raise
+        return entries
 
     def retire_tagfiles(self, file_ids: Iterable[str]) -> None:
-        """Retire committed files; retired ones are left alone, writing ones are refused."""
+        """Retire committed files; writing ones are refused. Retired ones keep their
+        retirement time, or are stamped with the time they are known by (their
+        successor's commit, else now) if they had none."""
         ids = list(dict.fromkeys(file_ids))
         with self._op():
             stored = self._stored(ids)
@@ -691,12 +874,22 @@ class HBaseCatalog(Catalog):
                 raise CatalogError(
                     f"TagFiles still being written cannot be retired: {', '.join(writing)}"
                 )
+            now = time.time()
             self._put_many(
                 "tagfiles",
                 (
-                    (_tagfile_key(t), {_STATE: FileState.RETIRED.value.encode()})
-                    for t in stored.values()
-                    if t.state is FileState.COMMITTED
+                    (
+                        _tagfile_key(t),
+                        {
+                            _STATE: FileState.RETIRED.value.encode(),
+                            _RETIRED_AT: repr(
+                                now if t.retired_at is None else t.retired_at
+                            ).encode(),
+                        },
+                    )
+                    # The rule's state decides the time; the stored one what needs a write.
+                    for t in self._effective(list(stored.values()))
+                    if stored[t.file_id].state is FileState.COMMITTED or t.retired_at is None
                 ),
             )
 
@@ -764,6 +957,13 @@ class HBaseCatalog(Catalog):
                     self._connection.close()
 
 
+def _commit_order(tagfile: TagFile) -> tuple[float, str]:
+    """Which of two commits came first: commit time (creation time if the entry was
+    registered committed without one), then file id."""
+    at = tagfile.committed_at if tagfile.committed_at is not None else tagfile.created_at
+    return at, tagfile.file_id
+
+
 def _tagfile_key(tagfile: TagFile) -> bytes:
     return _key(tagfile.dataset, tagfile.file_id)
 
@@ -795,17 +995,24 @@ def _tagfile_cells(tagfile: TagFile) -> Cells:
         "supersedes": list(tagfile.supersedes),
         "attributes": tagfile.attributes,
     }
-    committed_at = b"" if tagfile.committed_at is None else repr(tagfile.committed_at).encode()
     return {
         _DOC: _json(doc),
         _STATE: FileState(tagfile.state).value.encode(),
-        _COMMITTED_AT: committed_at,
+        _COMMITTED_AT: _time_cell(tagfile.committed_at),
+        _RETIRED_AT: _time_cell(tagfile.retired_at),
     }
+
+
+def _time_cell(value: float | None) -> bytes:
+    return b"" if value is None else repr(value).encode()
+
+
+def _time_from(value: bytes) -> float | None:
+    return float(value) if value else None
 
 
 def _tagfile_from(cells: Mapping[bytes, bytes]) -> TagFile:
     doc = orjson.loads(cells[_DOC])
-    committed_at = cells.get(_COMMITTED_AT, b"")
     return TagFile(
         file_id=doc["file_id"],
         dataset=doc["dataset"],
@@ -820,7 +1027,9 @@ def _tagfile_from(cells: Mapping[bytes, bytes]) -> TagFile:
         key_max=tuple(doc["key_max"]),
         state=FileState(cells[_STATE].decode()),
         created_at=doc["created_at"],
-        committed_at=float(committed_at) if committed_at else None,
+        committed_at=_time_from(cells.get(_COMMITTED_AT, b"")),
+        # Absent in rows written before the column existed.
+        retired_at=_time_from(cells.get(_RETIRED_AT, b"")),
         message_ids=tuple(doc["message_ids"]),
         guids=tuple(doc["guids"]),
         supersedes=tuple(doc["supersedes"]),

@@ -75,6 +75,9 @@ class TagFile:
     messages whose records the file absorbed (idempotent redelivery);
     ``guids`` the file GUIDs its rows reference; ``supersedes`` the file ids it
     replaces (compaction): once it is committed those count as retired.
+    ``retired_at`` is when the file stopped being live (its successor's commit
+    time, or the retirement), ``None`` while it is live or when the catalog
+    does not know (entries retired before the catalog recorded it).
     """
 
     file_id: str
@@ -91,6 +94,7 @@ class TagFile:
     state: FileState = FileState.WRITING
     created_at: float = field(default_factory=time.time)
     committed_at: float | None = None
+    retired_at: float | None = None
     message_ids: tuple[str, ...] = ()
     guids: tuple[str, ...] = ()
     supersedes: tuple[str, ...] = ()

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from catalog.model import FileState, TagFile
 from eventindex.errors import AlreadyExistsError, CatalogError, NotFoundError
 
 KEY_VALUE_MIN = -(2**63)
 KEY_VALUE_LIMIT = 2**64  # key components are int64 or uint64
+
+
+class SupersededError(CatalogError):
+    """A commit supersedes a file that another commit has already replaced or retired.
+
+    Two jobs that compacted the same input: the second one must drop its output.
+    """
 
 
 def check_tagfile(tagfile: TagFile) -> None:
@@ -31,6 +38,7 @@ def check_tagfile(tagfile: TagFile) -> None:
 def check_batch_supersedes(tagfiles: Sequence[TagFile], known: set[str]) -> None:
     """Committed entries of a batch may supersede files already registered or earlier in it."""
     seen = set(known)
+    taken: set[str] = set()
     for tagfile in tagfiles:
         if tagfile.state is FileState.COMMITTED:
             missing = sorted(set(tagfile.supersedes) - seen)
@@ -38,7 +46,27 @@ def check_batch_supersedes(tagfiles: Sequence[TagFile], known: set[str]) -> None
                 raise NotFoundError(
                     f"TagFile {tagfile.file_id} supersedes unknown files: {', '.join(missing)}"
                 )
+            twice = sorted(taken.intersection(tagfile.supersedes))
+            if twice:
+                raise SupersededError(
+                    f"TagFile {tagfile.file_id} supersedes {', '.join(twice)}, which an "
+                    "earlier entry of the batch supersedes"
+                )
+            taken.update(tagfile.supersedes)
         seen.add(tagfile.file_id)
+
+
+def check_supersedes_live(tagfile: TagFile, states: Mapping[str, FileState]) -> None:
+    """Refuse to commit ``tagfile`` if a file it supersedes is already retired.
+
+    ``states`` are the current (effective) states of the superseded files.
+    """
+    retired = sorted(s for s in tagfile.supersedes if states.get(s) is FileState.RETIRED)
+    if retired:
+        raise SupersededError(
+            f"TagFile {tagfile.file_id} supersedes {', '.join(retired)}, already retired "
+            "(replaced by another commit): drop this file"
+        )
 
 
 def in_first_key_range(tagfile: TagFile, lo: int, hi: int) -> bool:

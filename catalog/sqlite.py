@@ -15,6 +15,11 @@ for run-range queries), ``message_ids`` and ``guids`` (which committed file
 holds which producer message and which file GUID), ``supersedes`` (compaction
 lineage), ``trigger_menus`` and ``schema_version``.
 
+Columns added later (``tagfiles.retired_at``) are added to older files when
+they are opened, without changing the schema version: older code still reads
+and writes such a file, and entries it retires carry no time (the superseding
+file's commit time stands in, and ``catalog gc`` stamps the rest).
+
 Index rows for message ids and GUIDs are written when a file is committed. A
 file that supersedes others also inherits their index rows, because their
 records now live in it: a redelivered message stays absorbed, and a GUID lookup
@@ -39,6 +44,7 @@ from catalog.model import Collection, Dataset, FileKind, FileState, TagFile
 from catalog.rules import (
     check_batch,
     check_batch_supersedes,
+    check_supersedes_live,
     check_tagfile,
     in_first_key_range,
     listing_order,
@@ -95,7 +101,8 @@ _SCHEMA = (
         message_ids TEXT NOT NULL,
         guids TEXT NOT NULL,
         supersedes TEXT NOT NULL,
-        attributes TEXT NOT NULL
+        attributes TEXT NOT NULL,
+        retired_at REAL
     )""",
     "CREATE INDEX IF NOT EXISTS tagfiles_by_dataset ON tagfiles(dataset)",
     "CREATE INDEX IF NOT EXISTS tagfiles_by_first_key ON tagfiles(collection, k0_min, k0_max)",
@@ -125,10 +132,13 @@ _SCHEMA = (
     )""",
 )
 
+# Columns added after schema version 1 was released: added to older files on open.
+_ADDED_COLUMNS = {"tagfiles": (("retired_at", "REAL"),)}
+
 _TAGFILE_COLUMNS = (
     "file_id, dataset, collection, kind, uri, part, row_count, byte_size, checksum, "
     "key_min, key_max, k0_min, k0_max, state, created_at, committed_at, "
-    "message_ids, guids, supersedes, attributes"
+    "message_ids, guids, supersedes, attributes, retired_at"
 )
 _TAGFILE_PLACEHOLDERS = ", ".join("?" * len(_TAGFILE_COLUMNS.split(", ")))
 
@@ -143,12 +153,19 @@ _UPSERT_TAGFILE = (
 )
 
 # The state readers see: a committed file that a committed file supersedes is
-# retired, whatever its own row says (the rule of Catalog.list_tagfiles).
+# retired, whatever its own row says (the rule of Catalog.list_tagfiles). Its
+# retirement time is its own stamp, else the commit time of what superseded it
+# (entries retired by code that did not stamp it); kept only for retired rows.
 _EFFECTIVE_TAGFILES = """
 SELECT t.*, CASE WHEN t.state = 'committed' AND EXISTS (
         SELECT 1 FROM supersedes s JOIN tagfiles n ON n.file_id = s.file_id
         WHERE s.superseded_id = t.file_id AND n.state = 'committed'
-    ) THEN 'retired' ELSE t.state END AS effective_state
+    ) THEN 'retired' ELSE t.state END AS effective_state,
+    CASE WHEN t.state = 'writing' OR t.retired_at IS NOT NULL THEN t.retired_at ELSE (
+        SELECT min(coalesce(n.committed_at, n.created_at)) FROM supersedes s
+        JOIN tagfiles n ON n.file_id = s.file_id
+        WHERE s.superseded_id = t.file_id AND n.state = 'committed'
+    ) END AS effective_retired_at
 FROM tagfiles t
 """
 
@@ -262,6 +279,11 @@ class SQLiteCatalog(Catalog):
         try:
             for statement in _SCHEMA:
                 conn.execute(statement)
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
             row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
             version = row[0]
             if version is None:
@@ -416,6 +438,11 @@ class SQLiteCatalog(Catalog):
                 raise AlreadyExistsError(f"file ids already registered: {', '.join(sorted(taken))}")
             superseded = sorted({s for t in tagfiles for s in t.supersedes})
             check_batch_supersedes(tagfiles, self._existing_ids(conn, superseded))
+            states = {i: t.state for i, t in self._effective(conn, superseded).items()}
+            for tagfile in tagfiles:
+                if tagfile.state is FileState.COMMITTED:
+                    check_supersedes_live(tagfile, states)
+                    states.update(dict.fromkeys(tagfile.supersedes, FileState.RETIRED))
             conn.executemany(
                 f"INSERT INTO tagfiles ({_TAGFILE_COLUMNS}) VALUES ({_TAGFILE_PLACEHOLDERS})",
                 [_tagfile_params(t) for t in tagfiles],
@@ -468,13 +495,19 @@ class SQLiteCatalog(Catalog):
                     f"{previous['dataset']!r}, not {tagfile.dataset!r}"
                 )
         if tagfile.supersedes:
-            missing = set(tagfile.supersedes) - self._existing_ids(conn, tagfile.supersedes)
+            olds = self._effective(conn, tagfile.supersedes)
+            missing = set(tagfile.supersedes) - set(olds)
             if missing:
                 raise NotFoundError(
                     f"TagFile {tagfile.file_id} supersedes unknown files: "
                     f"{', '.join(sorted(missing))}"
                 )
-        entry = replace(tagfile, state=FileState.COMMITTED, committed_at=time.time())
+            # In the write transaction: of two jobs that replace the same file,
+            # the second one sees it retired here and is refused.
+            check_supersedes_live(tagfile, {i: t.state for i, t in olds.items()})
+        entry = replace(
+            tagfile, state=FileState.COMMITTED, committed_at=time.time(), retired_at=None
+        )
         # An upsert updates the writing row in place; REPLACE would delete
         # and re-insert it with every index entry.
         conn.execute(_UPSERT_TAGFILE, _tagfile_params(entry))
@@ -500,6 +533,7 @@ class SQLiteCatalog(Catalog):
             [(guid, file_id) for guid in entry.guids],
         )
         olds = list(entry.supersedes)
+        retired_at = entry.committed_at if entry.committed_at is not None else time.time()
         for chunk in _chunks(olds):
             marks = _marks(chunk)
             conn.execute(
@@ -512,10 +546,16 @@ class SQLiteCatalog(Catalog):
                 f" SELECT guid, ? FROM guids WHERE file_id IN ({marks})",
                 (file_id, *chunk),
             )
-            conn.execute(f"UPDATE tagfiles SET state = 'retired' WHERE file_id IN ({marks})", chunk)
+            conn.execute(
+                "UPDATE tagfiles SET state = 'retired', retired_at = coalesce(retired_at, ?)"
+                f" WHERE file_id IN ({marks})",
+                (retired_at, *chunk),
+            )
 
     def retire_tagfiles(self, file_ids: Iterable[str]) -> None:
-        """Retire committed files; retired ones are left alone, writing ones are refused."""
+        """Retire committed files; writing ones are refused. Retired ones keep their
+        retirement time, or are stamped with the time they are known by (their
+        successor's commit, else now) if they had none."""
         ids = list(dict.fromkeys(file_ids))
         with self._write() as conn:
             current = self._effective(conn, ids)
@@ -527,11 +567,11 @@ class SQLiteCatalog(Catalog):
                 raise CatalogError(
                     f"TagFiles still being written cannot be retired: {', '.join(writing)}"
                 )
-            for chunk in _chunks(ids):
-                conn.execute(
-                    f"UPDATE tagfiles SET state = 'retired' WHERE file_id IN ({_marks(chunk)})",
-                    chunk,
-                )
+            now = time.time()
+            conn.executemany(
+                "UPDATE tagfiles SET state = 'retired', retired_at = ? WHERE file_id = ?",
+                [(now if t.retired_at is None else t.retired_at, i) for i, t in current.items()],
+            )
 
     def remove_tagfile(self, file_id: str) -> None:
         with self._write() as conn:
@@ -730,6 +770,7 @@ def _tagfile_params(tagfile: TagFile) -> tuple[Any, ...]:
         _dumps(list(tagfile.guids)),
         _dumps(list(tagfile.supersedes)),
         _dumps(tagfile.attributes),
+        tagfile.retired_at,
     )
 
 
@@ -749,6 +790,7 @@ def _tagfile(row: sqlite3.Row) -> TagFile:
         state=FileState(row["effective_state"]),
         created_at=row["created_at"],
         committed_at=row["committed_at"],
+        retired_at=row["effective_retired_at"] if row["effective_state"] == "retired" else None,
         message_ids=tuple(_loads(row["message_ids"])),
         guids=tuple(_loads(row["guids"])),
         supersedes=tuple(_loads(row["supersedes"])),

@@ -21,8 +21,9 @@ leaves ``writing`` entries and their files, which ``catalog verify`` reports.
 Trigger indexes of the new files are built right after (``--no-index`` skips
 that; queries then index a file on the fly until ``spark index`` runs).
 
-Run one compaction of a dataset at a time: the commit checks that every input
-is still live, but two jobs could pass that check at the same moment.
+Two compactions of one dataset at once: the catalog refuses a commit that
+supersedes a file already retired (``SupersededError``), so the later job drops
+that output and reports it under ``skipped_inputs_changed``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import pyarrow as pa
 from catalog.base import Catalog
 from catalog.fileset import FilesetWriter
 from catalog.model import Dataset, FileKind, FileState, TagFile, new_file_id
+from catalog.rules import SupersededError
 from eventindex.config import CompactionSettings
 from eventindex.errors import NotFoundError
 from eventindex.query.trigger_index import INDEX_PART
@@ -388,7 +390,14 @@ def run_compaction(
             superseded = tuple(i.file_id for i in task.inputs) + old_parts + old_indexes
             commits = [_committed(e, result.parts[e.part]) for e in pending[:-1]]
             commits.append(_committed(pending[-1], result.master, superseded))
-            committed = catalog.commit_tagfiles(commits)
+            try:
+                committed = catalog.commit_tagfiles(commits)
+            except SupersededError:
+                # Another job committed over an input since the check above.
+                forget(catalog, pending)
+                done.add(task.output_id)
+                summary.conflicts.append(task.output_id)
+                continue
             done.add(task.output_id)
             master = committed[-1]
             summary.outputs.append(master)

@@ -1,4 +1,4 @@
-"""``eventindex catalog ls|show|verify``."""
+"""``eventindex catalog ls|show|verify|gc``."""
 
 from __future__ import annotations
 
@@ -199,4 +199,44 @@ def verify(
     else:
         stdout.print(report.to_text())
     if not report.ok(strict):
+        raise typer.Exit(EXIT_NOT_FOUND)
+
+
+@app.command()
+def gc(
+    ctx: typer.Context,
+    grace: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Delete retired files retired this many seconds ago or more "
+            "(default: catalog.gc_grace_seconds).",
+        ),
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Only this dataset.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be removed; delete nothing.")
+    ] = False,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Delete the files of retired entries older than the grace time and of stale
+    'writing' entries (crash debris), then forget those entries.
+
+    Exit status 0 when all is well, 1 when a file could not be deleted.
+    """
+    from catalog.gc import collect_garbage
+
+    settings = state(ctx).settings
+    with catalog_of(settings) as catalog:
+        report = collect_garbage(
+            catalog,
+            grace_seconds=settings.catalog.gc_grace_seconds if grace is None else grace,
+            dataset=dataset,
+            dry_run=dry_run,
+        )
+    if output is OutputFormat.JSON:
+        print_json(report.to_dict())
+    else:
+        stdout.print(report.to_text(), markup=False, highlight=False)
+    if not report.ok():
         raise typer.Exit(EXIT_NOT_FOUND)

@@ -30,9 +30,11 @@ from catalog import (
     FileState,
     HBaseCatalog,
     SQLiteCatalog,
+    SupersededError,
     TagFile,
     load_catalog,
 )
+from catalog.hbase import INTENT_SECONDS
 from eventindex.config import CatalogSettings
 from eventindex.errors import (
     AlreadyExistsError,
@@ -187,7 +189,7 @@ def test_tagfile_round_trip_keeps_every_field(populated: Catalog) -> None:
         f.name
         for f in fields(TagFile)
         if getattr(entry, f.name) == getattr(bare, f.name)
-        and f.name not in ("state", "committed_at")
+        and f.name not in ("state", "committed_at", "retired_at")
     ]
     assert unset == [], "the round trip must exercise every field"
     populated.add_tagfile(entry)
@@ -488,6 +490,108 @@ def test_commit_several_files_checks_before_committing(populated: Catalog) -> No
     with pytest.raises(AlreadyExistsError):
         populated.commit_tagfiles([tagfile("a-1"), tagfile("a-1")])
     assert ids(populated.list_tagfiles(states=[FileState.WRITING])) == ["a-1", "b-1"]
+
+
+# -- TagFiles: retirement time and concurrent compactions ---------------------
+def test_retired_entries_carry_their_retirement_time(populated: Catalog) -> None:
+    populated.commit_tagfile(tagfile("a-1"))
+    populated.commit_tagfile(tagfile("x"))
+    assert populated.get_tagfile("a-1").retired_at is None
+    merged = populated.commit_tagfile(tagfile("b", supersedes=("a-1",)))
+    before = time.time()
+    populated.retire_tagfiles(["x"])
+
+    assert populated.get_tagfile("a-1").retired_at == merged.committed_at
+    assert merged.retired_at is None and populated.get_tagfile("b").retired_at is None
+    x_retired = populated.get_tagfile("x").retired_at
+    assert x_retired is not None and before <= x_retired <= time.time()
+    # Retiring again keeps the first time.
+    populated.retire_tagfiles(["x", "a-1"])
+    assert populated.get_tagfile("x").retired_at == x_retired
+    assert populated.get_tagfile("a-1").retired_at == merged.committed_at
+    listed = {t.file_id: t.retired_at for t in populated.list_tagfiles(states=None)}
+    assert listed == {"a-1": merged.committed_at, "b": None, "x": x_retired}
+
+
+def test_retire_stamps_entries_retired_without_a_time(populated: Catalog) -> None:
+    populated.add_tagfile(tagfile("old", state=FileState.RETIRED))
+    assert populated.get_tagfile("old").retired_at is None
+
+    populated.retire_tagfiles(["old"])
+
+    stamped = populated.get_tagfile("old").retired_at
+    assert stamped is not None and stamped <= time.time()
+
+
+def test_commit_superseding_a_retired_file_is_refused(populated: Catalog) -> None:
+    populated.commit_tagfile(tagfile("a-1"))
+    populated.commit_tagfile(tagfile("a-2"))
+    populated.commit_tagfile(tagfile("b", supersedes=("a-1", "a-2")))
+    populated.add_tagfiles([tagfile("c-x", kind=FileKind.EXTENSION, part="p"), tagfile("c")])
+
+    # The second compaction of the same inputs: the extension goes first in the batch.
+    with pytest.raises(SupersededError, match="a-1, a-2"):
+        populated.commit_tagfiles(
+            [
+                tagfile("c-x", kind=FileKind.EXTENSION, part="p"),
+                tagfile("c", supersedes=("a-1", "a-2")),
+            ]
+        )
+
+    assert ids(populated.list_tagfiles()) == ["b"]
+    assert ids(populated.list_tagfiles(states=[FileState.WRITING])) == ["c", "c-x"]
+    populated.retire_tagfiles(["b"])
+    with pytest.raises(SupersededError, match="supersedes b"):
+        populated.commit_tagfile(tagfile("d", supersedes=("b",)))
+    with pytest.raises(NotFoundError):
+        populated.get_tagfile("d")
+
+
+def test_a_batch_cannot_supersede_one_file_twice(populated: Catalog) -> None:
+    populated.commit_tagfile(tagfile("a-1"))
+    with pytest.raises(SupersededError, match="a-1"):
+        populated.add_tagfiles(
+            [
+                tagfile("b", state=FileState.COMMITTED, supersedes=("a-1",)),
+                tagfile("c", state=FileState.COMMITTED, supersedes=("a-1",)),
+            ]
+        )
+    with pytest.raises(SupersededError, match="a-1"):
+        populated.commit_tagfiles(
+            [tagfile("b", supersedes=("a-1",)), tagfile("c", supersedes=("a-1",))]
+        )
+    assert ids(populated.list_tagfiles(states=None)) == ["a-1"]
+    # Refused commits leave nothing that holds the file back.
+    populated.commit_tagfile(tagfile("b", supersedes=("a-1",)))
+    assert ids(populated.list_tagfiles()) == ["b"]
+
+
+def test_concurrent_compactions_commit_at_most_once(backend: Backend, populated: Catalog) -> None:
+    """Two processes' catalogs, one commit each over the same inputs, at once."""
+    populated.commit_tagfile(tagfile("a-1"))
+    populated.commit_tagfile(tagfile("a-2"))
+    catalogs = [populated, backend.open() if backend.persistent else populated]
+    barrier = threading.Barrier(2)
+    outcomes: dict[str, str] = {}
+
+    def compact(number: int) -> None:
+        name = f"b-{number}"
+        barrier.wait()
+        try:
+            catalogs[number].commit_tagfile(tagfile(name, supersedes=("a-1", "a-2")))
+            outcomes[name] = "committed"
+        except SupersededError:
+            outcomes[name] = "refused"
+
+    threads = [threading.Thread(target=compact, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(outcomes.values()) in (["committed", "refused"], ["refused", "refused"])
+    live = ids(populated.list_tagfiles())
+    assert live in (["a-1", "a-2"], ["b-0"], ["b-1"])
 
 
 # -- TagFiles: listing --------------------------------------------------------
@@ -921,3 +1025,72 @@ def test_hbase_driver_errors_become_catalog_errors(mock_hbase: HBaseCatalog) -> 
 def test_hbase_refuses_nul_in_names(mock_hbase: HBaseCatalog) -> None:
     with pytest.raises(CatalogError):
         mock_hbase.add_tagfile(tagfile("bad\x00id"))
+
+
+def test_hbase_refuses_while_another_commit_is_in_flight(mock_hbase: HBaseCatalog) -> None:
+    mock_hbase.commit_tagfile(tagfile("a-1"))
+    # The intent of a commit of b that has not reached its commit point yet.
+    started = repr(time.time()).encode()
+    mock_hbase._tables["superseded"].put(b"a-1", {b"f:b": started})
+
+    with pytest.raises(SupersededError, match="b"):
+        mock_hbase.commit_tagfile(tagfile("c", supersedes=("a-1",)))
+    assert b"f:c" not in mock_hbase._tables["superseded"].row(b"a-1")  # the intent is gone
+
+    # An intent older than INTENT_SECONDS is debris of a crash: it no longer counts.
+    stale = repr(time.time() - INTENT_SECONDS - 1).encode()
+    mock_hbase._tables["superseded"].put(b"a-1", {b"f:b": stale})
+    mock_hbase.commit_tagfile(tagfile("c", supersedes=("a-1",)))
+    assert ids(mock_hbase.list_tagfiles()) == ["c"]
+
+
+def test_hbase_double_commit_keeps_the_first(
+    mock_hbase: HBaseCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The residual window: both commits passed their checks. Readers agree that
+    the first commit holds and the later one (and only it) is void."""
+    for name in ("a-1", "a-2", "a-3"):
+        mock_hbase.commit_tagfile(tagfile(name, message_ids=(name,)))
+    first = mock_hbase.commit_tagfile(tagfile("b", supersedes=("a-1", "a-2")))
+    monkeypatch.setattr(mock_hbase, "_check_rivals", lambda entry, started: None)
+    monkeypatch.setattr("catalog.hbase.check_supersedes_live", lambda *a: None)
+    later = mock_hbase.commit_tagfile(tagfile("c", supersedes=("a-2", "a-3")))
+    monkeypatch.undo()
+
+    # a-3, which only the void commit superseded, was not marked retired: it stays live.
+    assert ids(mock_hbase.list_tagfiles()) == ["a-3", "b"]
+    void = mock_hbase.get_tagfile("c")
+    assert void.state is FileState.RETIRED and void.retired_at == later.committed_at
+    assert mock_hbase.get_tagfile("a-2").retired_at == first.committed_at
+    assert mock_hbase.get_tagfile("a-3").state is FileState.COMMITTED
+    # gc stamps the void file's row, so it stays retired once the others are forgotten.
+    mock_hbase.retire_tagfiles(["c", "a-1", "a-2"])
+    for name in ("a-1", "a-2", "c"):
+        mock_hbase.remove_tagfile(name)
+    assert ids(mock_hbase.list_tagfiles()) == ["a-3", "b"]
+    assert mock_hbase.absorbed_message_ids(["a-1", "a-2", "a-3"]) == {"a-1", "a-2", "a-3"}
+
+
+def test_sqlite_catalog_of_an_older_version_gains_the_retirement_time(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    with SQLiteCatalog(str(path)) as catalog:
+        populate_events(catalog)
+        catalog.commit_tagfile(tagfile("a-1"))
+        merged = catalog.commit_tagfile(tagfile("b", supersedes=("a-1",)))
+    raw = sqlite3.connect(path)
+    with raw:  # as an older version left it: no column, no stamps
+        raw.execute("ALTER TABLE tagfiles DROP COLUMN retired_at")
+    raw.close()
+
+    with SQLiteCatalog(str(path)) as catalog:
+        # The superseding file's commit time stands in for the missing stamp.
+        assert catalog.get_tagfile("a-1").retired_at == merged.committed_at
+        assert ids(catalog.list_tagfiles()) == ["b"]
+    raw = sqlite3.connect(path)
+    assert raw.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+    raw.close()
+
+
+def populate_events(catalog: Catalog) -> None:
+    catalog.create_collection(Collection(EVENTS, RecordKind.EVENTS))
+    catalog.create_dataset(Dataset(AOD, EVENTS))

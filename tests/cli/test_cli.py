@@ -172,7 +172,15 @@ def test_help(helps: dict[str, Result], path: str) -> None:
 
 def test_every_command_of_the_design_is_there() -> None:
     paths = {" ".join(p) for p in command_paths()}
-    assert {"generate", "pick", "catalog ls", "catalog show", "catalog verify", "demo"} <= paths
+    assert {
+        "generate",
+        "pick",
+        "catalog ls",
+        "catalog show",
+        "catalog verify",
+        "catalog gc",
+        "demo",
+    } <= paths
 
 
 def test_version() -> None:
@@ -358,7 +366,29 @@ def test_catalog_verify(small: Store) -> None:
     assert str(victim) in {p["uri"] for p in report["problems"]}
 
 
-# -- pick -------------------------------------------------------------------------
+# -- catalog gc -------------------------------------------------------------------
+def test_catalog_gc(small: Store) -> None:
+    with small.open_catalog() as catalog:
+        victim = catalog.list_tagfiles()[0]
+        catalog.retire_tagfiles([victim.file_id])
+        live = [f.uri for f in catalog.list_tagfiles()]
+
+    # One after the other: run_all runs its commands at the same time.
+    dry = small.run("catalog", "gc", "--grace", "0", "--dry-run", "-o", "json")
+    waiting = small.run("catalog", "gc", "-o", "json")  # the configured grace: hours
+    text = small.run("catalog", "gc", "--grace", "0")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    planned = dry.json()
+    assert planned["dry_run"] is True and planned["files"] == 1
+    assert planned["bytes"] == victim.bytes and planned["removed"][0]["file_id"] == victim.file_id
+    assert waiting.json()["waiting"] == 1 and waiting.json()["files"] == 0
+    assert text.returncode == 0 and "removed 1 entries, 1 files" in text.stdout
+    assert not Path(victim.uri).exists() and all(Path(uri).exists() for uri in live)
+    assert small.run("catalog", "verify").returncode == 0
+    bad = small.run("catalog", "gc", "--grace", "-5")
+    assert bad.returncode == 2
+
+
 def test_pick_found(generated: Generated, tables: dict[str, Any]) -> None:
     run_number = SPEC.first_run + 1
     event = [str(run_number), str(raw_event(tables, run_number, 10))]
