@@ -8,12 +8,14 @@ events missing downstream and downstream events absent upstream.
 
 * ``wall_s``: plan + Spark job + report, without storing the report;
 * ``rows_per_s`` over every row read, ``events_per_s`` over the distinct events
-  (the RAW rows), and ``problems`` (0 on the generated store).
+  (the RAW rows), and ``problems`` (0 on the generated store);
+* ``load_average``: the 1-minute load before and after (the machine is shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -53,6 +55,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     try:
         with SQLiteCatalog(catalog_path) as catalog:
             collection = catalog.list_collections()[0].name
+            load_before = os.getloadavg()[0]
             start = time.perf_counter()
             plan = plan_check(catalog, collection, run_min, run_max)
             report = run_check(spark, plan)
@@ -73,6 +76,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         "events_per_s": round(raw_events / wall),
         "problems": report["problems"],
         "spark_master": "local[2]",
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 

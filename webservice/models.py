@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from eventindex.query.triggers import expression_pattern
 from eventindex.records.schema import EVENT_SCHEMA
 from webservice.options import MAX_EVENT_NUMBER, MAX_RUN_NUMBER
 
@@ -70,6 +71,15 @@ ColumnName = Annotated[
     AfterValidator(_known_column),
     WithJsonSchema({"type": "string", "enum": list(EVENT_COLUMNS)}),
 ]
+MAX_EXPRESSION_CHARS = 4096
+EXAMPLE_EXPRESSION = "HLT_mu4_imedium OR (L1_EM15VH AND NOT L1_XE50)"
+# The schema states the grammar (names with an underscore, parentheses one deep) for
+# clients; the parser itself checks every expression and names the bad token.
+EXPRESSION_PATTERN = expression_pattern(1)
+EXPRESSION_DESCRIPTION = (
+    "Trigger names with AND, OR, NOT (or &, |, !) and parentheses. L1 items mean their "
+    "after-veto bit; `L1_EM12:TBP` or `:TAP` the other masks."
+)
 GUID_PATTERN = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
 
 
@@ -110,7 +120,7 @@ class LookupRequest(RequestBody):
 
 
 class SelectRequest(RequestBody):
-    """Every event of a run range, streamed as NDJSON."""
+    """Every event of a run range (or those passing a trigger expression), streamed as NDJSON."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -120,6 +130,7 @@ class SelectRequest(RequestBody):
                     "run_min": 284484,
                     "run_max": 284484,
                     "dataset": "*.daq.RAW",
+                    "trigger": EXAMPLE_EXPRESSION,
                     "columns": ["run_number", "event_number", "lumi_block"],
                     "limit": 10,
                 }
@@ -134,6 +145,14 @@ class SelectRequest(RequestBody):
     run_max: RunNumber = Field(description="Last run number (inclusive), at least `run_min`.")
     dataset: DatasetPattern | None = Field(
         None, description="Only datasets whose names match this glob."
+    )
+    trigger: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_EXPRESSION_CHARS,
+        json_schema_extra={"pattern": EXPRESSION_PATTERN},
+        description="Only events passing this trigger expression, decoded run by run with "
+        f"the menu of the run's SMK. {EXPRESSION_DESCRIPTION}",
     )
     columns: list[ColumnName] | None = Field(
         None, min_length=1, max_length=256, description="Columns of each row (default: all)."

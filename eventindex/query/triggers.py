@@ -29,6 +29,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
 from pyroaring import BitMap, FrozenBitMap
 
 from catalog.base import Catalog
@@ -38,9 +41,11 @@ from eventindex.query.trigger_index import (
     INDEX_COLUMNS,
     INDEX_PART,
     MASK_CODES,
+    MASK_NAMES,
     MASTER_ATTRIBUTE,
     LoadedIndex,
     build_trigger_index,
+    mask_matrix,
 )
 from eventindex.records.schema import TriggerMenu
 from eventindex.storage import MapFileReader
@@ -705,3 +710,139 @@ class TriggerIndex:
                     matrix[j][i] += both
         answer.seconds = time.perf_counter() - start
         return answer
+
+    def selection(
+        self, expression: str, *, run_min: int | None = None, run_max: int | None = None
+    ) -> TriggerSelection:
+        """The rows passing ``expression`` in a run range, file by file (for selects);
+        ``TriggerExpressionError`` naming the token at once if the expression is bad."""
+        low = 0 if run_min is None else run_min
+        high = RUN_NUMBER_MAX if run_max is None else run_max
+        return TriggerSelection(self, expression, low, high)
+
+
+# -- selecting events --------------------------------------------------------------
+
+RowArray = npt.NDArray[np.uint32]
+BoolArray = npt.NDArray[np.bool_]
+_NO_ROWS: RowArray = np.zeros(0, dtype=np.uint32)
+
+
+def _evaluate_rows(
+    expression: Expression, leaf: Callable[[TriggerName], BoolArray], universe: BoolArray
+) -> BoolArray:
+    """``_evaluate`` over boolean row arrays: NOT is taken against ``universe``."""
+    if isinstance(expression, TriggerName):
+        return leaf(expression)
+    if isinstance(expression, Not):
+        return universe & ~_evaluate_rows(expression.operand, leaf, universe)
+    values = [_evaluate_rows(o, leaf, universe) for o in expression.operands]
+    combined: BoolArray = (np.logical_or if isinstance(expression, Or) else np.logical_and).reduce(
+        values
+    )
+    return combined
+
+
+def _bit_column(matrix: npt.NDArray[np.uint8], bit: int) -> BoolArray:
+    """Per row: is ``bit`` set (bit i = byte i // 8, bit i % 8; absent bytes are zeros)."""
+    byte = bit >> 3
+    if byte >= matrix.shape[1]:
+        return np.zeros(matrix.shape[0], dtype=bool)
+    return ((matrix[:, byte] >> (bit & 7)) & 1).astype(bool)
+
+
+class TriggerSelection:
+    """The rows of master files passing one expression, in a run range: what
+    ``Reader.select`` reads when a trigger expression is given.
+
+    Names are checked when the selection is made (``TriggerExpressionError``), so a
+    request can be refused before anything is read; a run whose SMK has no menu
+    fails when a file holding it is reached (``TriggerMenuMissingError``). A file
+    with a stored index is answered from its bitmaps (cached by the
+    ``TriggerIndex``); a file without one (a TagFile written after the Indexer ran)
+    by evaluating the expression on the mask columns it needs, row group by row group.
+    """
+
+    def __init__(self, index: TriggerIndex, expression: str, run_min: int, run_max: int) -> None:
+        if not 0 <= run_min <= run_max <= RUN_NUMBER_MAX:
+            raise ValueError(
+                f"run range {run_min}-{run_max}: need 0 <= first <= last <= {RUN_NUMBER_MAX}"
+            )
+        self.index = index
+        self.expression = expression
+        self.run_min = run_min
+        self.run_max = run_max
+        self.parsed = parse_expression(expression)
+        self._resolve = index._leaf_resolver([self.parsed])  # checks every name now
+        self._masks = self._mask_columns()
+
+    def _mask_columns(self) -> list[str]:
+        """The mask columns the expression can read (what ``_leaf_resolver`` may pick)."""
+        needed: set[str] = set()
+        for name in trigger_names(self.parsed):
+            levels = self.index.menus.levels_of(name)
+            if "HLT" in levels and not name.qualifier:
+                needed.add("hlt_passed")
+            if "L1" in levels:
+                needed.add(L1_MASKS[name.qualifier or "TAV"])
+        return sorted(needed)
+
+    def rows(self, master: TagFile) -> RowArray:
+        """Ascending row ordinals of ``master`` in the run range that pass the expression."""
+        if not master.key_min or master.key_min[0] > self.run_max:
+            return _NO_ROWS
+        if master.key_max and master.key_max[0] < self.run_min:
+            return _NO_ROWS
+        _, indexes = self.index._listing()
+        stored = indexes.get(master.file_id)
+        if stored is not None:
+            return self._rows_from_index(master, self.index._load(master, stored))
+        return self._rows_from_masks(master)
+
+    def _rows_from_index(self, master: TagFile, loaded: LoadedIndex) -> RowArray:
+        passed: list[AnyBitMap] = []
+        for run_number, smk in sorted(loaded.groups):
+            if not self.run_min <= run_number <= self.run_max:
+                continue
+            leaves = self._resolve(master, run_number, smk)
+            leaf = _leaf_reader(loaded, run_number, smk, leaves)
+            passed.append(_evaluate(self.parsed, leaf, loaded.events(run_number, smk)))
+        if not passed:
+            return _NO_ROWS
+        union = BitMap.union(*passed) if len(passed) > 1 else passed[0]
+        return np.frombuffer(union.to_array(), dtype=np.uint32)
+
+    def _rows_from_masks(self, master: TagFile) -> RowArray:
+        pieces: list[RowArray] = []
+        offset = 0
+        with MapFileReader(master.uri) as reader:
+            for table in reader.scan(columns=["run_number", "smk", *self._masks]):
+                selected = self._passing(master, table)
+                pieces.append((np.flatnonzero(selected) + offset).astype(np.uint32))
+                offset += table.num_rows
+        return np.concatenate(pieces) if pieces else _NO_ROWS
+
+    def _passing(self, master: TagFile, table: pa.Table) -> BoolArray:
+        """Per row of ``table`` (a piece of a master file): in the run range and passing."""
+        runs = table.column("run_number").to_numpy()
+        smks = table.column("smk").to_numpy()
+        in_range = (runs >= self.run_min) & (runs <= self.run_max)
+        result = np.zeros(table.num_rows, dtype=bool)
+        if not in_range.any():
+            return result
+        matrices = {name: mask_matrix(table.column(name)) for name in self._masks}
+        pairs = np.unique(np.stack([runs[in_range], smks[in_range]], axis=1), axis=0)
+        for run_number, smk in pairs.tolist():
+            leaves = self._resolve(master, run_number, smk)
+            group = in_range & (runs == run_number) & (smks == smk)
+
+            def leaf(
+                name: TriggerName, leaves: dict[TriggerName, _Leaf | None] = leaves
+            ) -> BoolArray:
+                found = leaves[name]
+                if found is None:
+                    return np.zeros(table.num_rows, dtype=bool)
+                return _bit_column(matrices[MASK_NAMES[found.mask]], found.bit)
+
+            result |= group & _evaluate_rows(self.parsed, leaf, group)
+        return result

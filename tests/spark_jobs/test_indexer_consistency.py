@@ -16,7 +16,20 @@ from eventindex.query.consistency import load_report, summary_lines
 from eventindex.query.trigger_index import INDEX_PART
 from eventindex.query.triggers import TriggerIndex
 from eventindex.storage import delete_file
-from spark_jobs.consistency import check_frames, plan_check, run_check, store_reports
+from spark_jobs.consistency import (
+    MISSING_HERE,
+    NOT_UPSTREAM,
+    Pair,
+    duplicate_copies,
+    duplicated,
+    first_in_key_order,
+    patterns,
+    plan_check,
+    presence,
+    problem_events,
+    run_check,
+    store_reports,
+)
 from spark_jobs.indexer import plan_index, run_index
 from spark_jobs.session import python_for_workers
 from tests.generated_store import GeneratedStore
@@ -61,34 +74,71 @@ def test_index_on_spark_equals_the_in_process_transform(spark: Any, store: Gener
     assert index.count(expression, dataset="*.merge.AOD.r7562_p2521").unindexed_files == 2
 
 
-def test_check_frames_on_a_small_frame(spark: Any) -> None:
+def test_check_transform_on_a_small_frame(spark: Any) -> None:
     events = spark.createDataFrame(
         [
-            (0, 0, 1, 10),
-            (0, 0, 1, 11),
-            (0, 0, 1, 12),  # upstream
-            (1, 1, 1, 10),
-            (1, 2, 1, 10),
-            (1, 1, 1, 13),  # downstream: 10 twice, 13 extra, 11-12 lost
-            (2, 3, 1, 10),  # a skim of dataset 1: keeps only 10
+            (0, 0, 0, 0, 1, 10),
+            (0, 0, 0, 0, 1, 11),
+            (0, 0, 0, 0, 1, 12),  # upstream
+            (0, 1, 1, 1, 1, 10),
+            (0, 1, 1, 2, 1, 10),
+            (0, 1, 1, 1, 1, 13),  # downstream: 10 twice, 13 extra, 11-12 lost
+            (0, 2, 2, 3, 1, 10),  # a skim of dataset 1: keeps only 10
+            (0, 2, 2, 3, 1, -5),  # event 2**64 - 5 (a signed long on Spark): absent upstream
         ],
-        "dataset int, file int, run_number int, event_number long",
+        "cluster int, slot int, dataset int, file int, run_number long, event_number long",
     )
-    pairs = spark.createDataFrame(
-        [(0, 1, False), (1, 2, True)], "upstream int, downstream int, skim boolean"
-    )
-    frames = check_frames(events, pairs)
-    assert sorted(tuple(r) for r in frames.counts.collect()) == [(0, 1, 3), (1, 1, 3), (2, 1, 1)]
-    assert [
-        (r["dataset"], r["event_number"], r["copies"], list(r["files"]))
-        for r in frames.duplicates.collect()
-    ] == [(1, 10, 2, [1, 2])]
+    pairs = [Pair(0, 1, 0, 0, 1, skim=False), Pair(1, 2, 0, 1, 2, skim=True)]
+    present = presence(events, 1)
     assert sorted(
-        (r["dataset"], r["event_number"]) for r in frames.missing_downstream.collect()
-    ) == [(1, 11), (1, 12)]
-    assert sorted((r["dataset"], r["event_number"]) for r in frames.missing_upstream.collect()) == [
-        (1, 13)
+        (r["event_number"], r["rows"], r["mask0"], r["duplicated"])
+        for r in present.withColumn("duplicated", duplicated(1)).collect()
+    ) == [
+        (-5, 1, 0b100, False),
+        (10, 4, 0b111, True),
+        (11, 1, 1, False),
+        (12, 1, 1, False),
+        (13, 1, 0b010, False),
     ]
+    assert sorted(tuple(r) for r in patterns(present, 1).collect()) == [
+        (0, 1, 0b001, False, 2),
+        (0, 1, 0b010, False, 1),
+        (0, 1, 0b100, False, 1),
+        (0, 1, 0b111, True, 1),
+    ]
+    assert sorted(tuple(r) for r in problem_events(present, 1, pairs).collect()) == [
+        (1, MISSING_HERE, 1, 11),
+        (1, MISSING_HERE, 1, 12),
+        (1, NOT_UPSTREAM, 1, 13),
+        (2, NOT_UPSTREAM, 1, -5),
+    ]
+    keys = present.where(duplicated(1)).select("cluster", "run_number", "event_number")
+    assert [tuple(r) for r in duplicate_copies(events, keys).collect()] == [(1, 1, 10, 2, [1, 2])]
+    # Unsigned key order: 2**64 - 5 comes after 13.
+    first = first_in_key_order(problem_events(present, 1, pairs), ["problem"], 1)
+    assert sorted((r["problem"], r["event_number"]) for r in first.collect()) == [
+        (MISSING_HERE, 11),
+        (NOT_UPSTREAM, 13),
+    ]
+    # A cluster of more than 64 datasets takes a second mask word.
+    wide = spark.createDataFrame(
+        [(0, 3, 1, 7), (0, 70, 1, 7), (0, 70, 1, 7)],
+        "cluster int, slot int, run_number long, event_number long",
+    )
+    [row] = presence(wide, 2).withColumn("duplicated", duplicated(2)).collect()
+    assert (row["mask0"], row["mask1"], row["rows"], row["duplicated"]) == (8, 64, 3, True)
+
+
+def test_slots_put_datasets_that_can_share_events_in_one_cluster(store: GeneratedStore) -> None:
+    plan = plan_check(store.catalog, store.spec.collection)
+    by_run: dict[int, set[int]] = {}
+    for dataset in plan.datasets:
+        cluster, _ = plan.slots[dataset.name]
+        by_run.setdefault(int(dataset.attributes["run_number"]), set()).add(cluster)
+    # One cluster per run (its RAW, AODs and DAOD), distinct slots inside it.
+    assert all(len(clusters) == 1 for clusters in by_run.values())
+    assert len({c for clusters in by_run.values() for c in clusters}) == len(by_run)
+    assert len(set(plan.slots.values())) == len(plan.datasets) and plan.words == 1
 
 
 def test_check_finds_injected_problems_and_stores_the_report(

@@ -20,27 +20,29 @@ from eventindex.query.triggers import (
     TriggerExpressionError,
     TriggerIndex,
     UnknownTriggerError,
-    expression_pattern,
 )
 from webservice.dependencies import CatalogDep
-from webservice.models import EXAMPLE_COLLECTION, CollectionName, DatasetPattern
+from webservice.models import (
+    EXAMPLE_COLLECTION,
+    EXAMPLE_EXPRESSION,
+    EXPRESSION_DESCRIPTION,
+    EXPRESSION_PATTERN,
+    MAX_EXPRESSION_CHARS,
+    CollectionName,
+    DatasetPattern,
+)
 from webservice.options import MAX_RUN_NUMBER
-from webservice.problems import ProblemError, problem_responses
+from webservice.problems import Location, ProblemError, problem_responses
 from webservice.responses import json_response
 from webservice.routes import API_PREFIX
 
 router = APIRouter(prefix=f"{API_PREFIX}/triggers", tags=["triggers"])
 
-MAX_EXPRESSION_CHARS = 4096
 MAX_OVERLAP_TRIGGERS = 64
-EXAMPLE_EXPRESSION = "HLT_mu4_imedium OR (L1_EM15VH AND NOT L1_XE50)"
-# The schema states the grammar (names with an underscore, parentheses one deep) for
-# clients; the parser itself checks every expression and names the bad token.
-EXPRESSION_PATTERN = expression_pattern(1)
 _index_lock = threading.Lock()
 
 
-def _trigger_index(request: Request, catalog: CatalogDep) -> TriggerIndex:
+def trigger_index(request: Request, catalog: CatalogDep) -> TriggerIndex:
     with _index_lock:
         index: TriggerIndex | None = getattr(request.app.state, "trigger_index", None)
         if index is None or index.catalog is not catalog:
@@ -49,7 +51,7 @@ def _trigger_index(request: Request, catalog: CatalogDep) -> TriggerIndex:
         return index
 
 
-TriggerIndexDep = Annotated[TriggerIndex, Depends(_trigger_index)]
+TriggerIndexDep = Annotated[TriggerIndex, Depends(trigger_index)]
 DatasetQuery = Annotated[
     DatasetPattern,
     Query(
@@ -125,12 +127,15 @@ def _check_scope(
         )
 
 
-def _bad_expression(field: str, exc: TriggerExpressionError) -> ProblemError:
+def bad_expression(
+    field: str, exc: TriggerExpressionError, location: Location = "query"
+) -> ProblemError:
+    """A 404 naming ``field`` for a trigger no menu has, a 422 for a malformed expression."""
     if isinstance(exc, UnknownTriggerError):
         return ProblemError.bad_field(
-            404, field, "query", str(exc), kind="not-found", code="unknown_trigger"
+            404, field, location, str(exc), kind="not-found", code="unknown_trigger"
         )
-    return ProblemError.bad_field(422, field, "query", str(exc), code="trigger_expression")
+    return ProblemError.bad_field(422, field, location, str(exc), code="trigger_expression")
 
 
 @router.get(
@@ -147,8 +152,7 @@ def count_triggers(
             min_length=1,
             max_length=MAX_EXPRESSION_CHARS,
             json_schema_extra={"pattern": EXPRESSION_PATTERN},
-            description="Trigger names with AND, OR, NOT (or &, |, !) and parentheses. L1 "
-            "items mean their after-veto bit; `L1_EM12:TBP` or `:TAP` the other masks.",
+            description=EXPRESSION_DESCRIPTION,
             examples=[EXAMPLE_EXPRESSION],
         ),
     ],
@@ -165,7 +169,7 @@ def count_triggers(
             expr, dataset=dataset, collection=collection, run_min=run_min, run_max=run_max
         )
     except TriggerExpressionError as exc:
-        raise _bad_expression("expr", exc) from exc
+        raise bad_expression("expr", exc) from exc
     return json_response(answer.to_dict())
 
 
@@ -208,5 +212,5 @@ def overlap_triggers(
             trigger, dataset=dataset, collection=collection, run_min=run_min, run_max=run_max
         )
     except TriggerExpressionError as exc:
-        raise _bad_expression("trigger", exc) from exc
+        raise bad_expression("trigger", exc) from exc
     return json_response(answer.to_dict())
