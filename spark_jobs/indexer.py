@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from catalog.base import Catalog
 from catalog.fileset import FilesetWriter
 from catalog.model import FileKind, FileState, TagFile, new_file_id
-from eventindex.errors import EventIndexError, NotFoundError
+from eventindex.errors import NotFoundError
 from eventindex.query.trigger_index import (
     INDEX_COLUMNS,
     INDEX_KEY,
@@ -29,7 +29,8 @@ from eventindex.query.trigger_index import (
     MASTER_ATTRIBUTE,
     build_trigger_index,
 )
-from eventindex.storage import MapFileReader, WriteOptions, delete_file, exists, write_mapfile
+from eventindex.storage import MapFileReader, WriteOptions, write_mapfile
+from spark_jobs.fanout import fan_out, forget
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -163,23 +164,6 @@ def index_file(task: IndexTask) -> IndexResult:
     )
 
 
-def _index_partition(tasks: Iterable[IndexTask]) -> Iterable[IndexResult]:
-    for task in tasks:
-        yield index_file(task)
-
-
-def _spark_results(spark: SparkSession, tasks: Sequence[IndexTask]) -> Iterator[IndexResult]:
-    """Fan the tasks out, one per partition, a wave of ``defaultParallelism`` at a time, so
-    results (and progress) arrive as the waves finish while every core stays busy."""
-    context = spark.sparkContext
-    wave = max(1, int(context.defaultParallelism))
-    for start in range(0, len(tasks), wave):
-        batch = list(tasks[start : start + wave])
-        rdd = context.parallelize(batch, numSlices=len(batch))
-        results: list[IndexResult] = rdd.mapPartitions(_index_partition).collect()
-        yield from results
-
-
 def _entry(catalog: Catalog, task: IndexTask) -> TagFile:
     dataset = catalog.get_dataset(task.dataset)
     return TagFile(
@@ -211,8 +195,7 @@ def run_index(
     catalog.add_tagfiles(list(entries.values()))
     committed: set[str] = set()
     try:
-        results = _spark_results(spark, tasks) if spark is not None else map(index_file, tasks)
-        for result in results:
+        for result in fan_out(spark, tasks, index_file):
             entry = catalog.commit_tagfile(
                 replace(
                     entries[result.task.index_id],
@@ -237,18 +220,7 @@ def run_index(
             if progress is not None:
                 progress(result)
     except BaseException:
-        _forget(catalog, [e for i, e in entries.items() if i not in committed])
+        forget(catalog, [e for i, e in entries.items() if i not in committed])
         raise
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _forget(catalog: Catalog, entries: Sequence[TagFile]) -> None:
-    """Remove the files and ``writing`` entries of a failed job (best effort)."""
-    for entry in entries:
-        try:
-            if exists(entry.uri):
-                delete_file(entry.uri)
-            catalog.remove_tagfile(entry.file_id)
-        except (EventIndexError, OSError):
-            pass
