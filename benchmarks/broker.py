@@ -11,9 +11,10 @@ For each size, with one producer connection and one consumer connection:
 * ``send_receipts_msg_per_s``: persistent sends, each confirmed by a RECEIPT
   before the next (the broker writes its journal before it confirms);
 * ``send_tx_msg_per_s``: persistent sends in transactions of ``--transaction``
-  messages, each commit confirmed (one journal write per commit);
+  messages, each commit confirmed (one journal write per commit), the next
+  transaction written while the broker commits one (as the producers send);
 * ``receive_msg_per_s``: one consumer draining the queue, prefetch 500,
-  acknowledging each message individually;
+  acknowledging in batches of 200 (cumulative acks, as the consumers do);
 * ``pipeline_msg_per_s`` and ``events_per_s``: producer (transactions) and
   consumer at the same time, first send to last acknowledgement: the rate the
   broker sustains end to end, which ``benchmarks.ingest`` divides its own by;
@@ -49,9 +50,10 @@ from benchmarks.codec import bench_header, benchmark_tables
 from benchmarks.common import BENCH_ROOT, emit
 from eventindex.config import BrokerSettings, load_config
 from eventindex.records.codec import encode_events, encode_message_batches
-from eventindex.transport import Transport, open_transport
+from eventindex.transport import Confirmation, Message, Transport, open_transport
 
 PREFETCH = 500
+ACK_BATCH = 200
 EVENTS_PER_SMALL_MESSAGE = 100
 # Receipt-confirmed sends are slow; this many are enough to measure them.
 RECEIPT_SENDS_MAX = 3000
@@ -142,28 +144,37 @@ def send_receipts(transport: Transport, queue: str, payloads: Payloads, count: i
 def send_transactions(
     transport: Transport, queue: str, payloads: Payloads, count: int, batch: int
 ) -> float:
+    """As the producers send: transactions of ``batch``, the next written while the broker
+    commits the previous one (``Transport.send_transaction``)."""
     started = time.perf_counter()
-    transaction = transport.begin()
-    for index, (body, _) in enumerate(payloads.take(count), start=1):
-        transport.send(queue, body, transaction=transaction)
-        if index % batch == 0 or index == count:
-            transport.commit(transaction)
-            if index < count:
-                transaction = transport.begin()
+    messages: list[tuple[bytes, dict[str, str]]] = [(body, {}) for body, _ in payloads.take(count)]
+    open_one: Confirmation | None = None
+    for start in range(0, count, batch):
+        confirmation = transport.send_transaction(queue, messages[start : start + batch])
+        if open_one is not None:
+            open_one.wait()
+        open_one = confirmation
+    if open_one is not None:
+        open_one.wait()
     return time.perf_counter() - started
 
 
 def drain(transport: Transport, queue: str, count: int, timeout: float = 120.0) -> float:
-    """Receive and acknowledge ``count`` messages; seconds from the first call to the last ack."""
-    subscription = transport.subscribe(queue, prefetch=PREFETCH)
+    """Receive and acknowledge ``count`` messages as the consumers do (cumulative acks,
+    one confirmed batch per ``ACK_BATCH``); seconds from the first call to the last ack."""
+    subscription = transport.subscribe(queue, prefetch=PREFETCH, coalesce_acks=True)
     started = time.perf_counter()
     received = 0
+    taken: list[Message] = []
     while received < count:
         message = transport.receive(timeout=timeout)
         if message is None:
             raise RuntimeError(f"only {received} of {count} messages arrived within {timeout} s")
-        transport.ack(message)
+        taken.append(message)
         received += 1
+        if len(taken) >= ACK_BATCH or received == count:
+            transport.ack_many(taken)
+            taken = []
     elapsed = time.perf_counter() - started
     transport.unsubscribe(subscription)
     return elapsed

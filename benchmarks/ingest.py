@@ -111,8 +111,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def broker_url(requested: str | None, settings: Settings) -> Iterator[tuple[str, bool]]:
-    """A STOMP URL that answers: the requested one, the configured one, or our own broker."""
+def broker_url(requested: str | None, settings: Settings) -> Iterator[tuple[str, int | None]]:
+    """A STOMP URL that answers: the requested one, the configured one, or our own broker
+    (then with its pid, to measure its CPU)."""
     from eventindex.cli.broker_cmd import ActiveMQProcess, stomp_answers
     from eventindex.transport import parse_broker_addresses
 
@@ -120,7 +121,7 @@ def broker_url(requested: str | None, settings: Settings) -> Iterator[tuple[str,
         if url and url.startswith("stomp://"):
             host, port = parse_broker_addresses(url)[0]
             if stomp_answers(host, port):
-                yield url, False
+                yield url, None
                 return
             if url == requested:
                 raise SystemExit(f"no STOMP broker answers at {url}")
@@ -139,9 +140,9 @@ def broker_url(requested: str | None, settings: Settings) -> Iterator[tuple[str,
     )
     process = ActiveMQProcess(own)
     print(f"starting ActiveMQ on {own.url}", file=sys.stderr)
-    process.start()
+    pid = process.start()
     try:
-        yield own.url, True
+        yield own.url, pid
     finally:
         process.stop()
 
@@ -166,6 +167,7 @@ def _producer_main(
     sent = 0
     with open_transport(url, settings.broker) as transport:
         go.wait()
+        cpu = time.process_time()
         sender = FileSender(
             transport,
             transaction_messages=settings.producer.transaction_messages,
@@ -173,7 +175,7 @@ def _producer_main(
         )
         for path in files:
             sent += sender.send(Path(path)).messages_sent
-    pipe.send(sent)
+    pipe.send((sent, time.process_time() - cpu))
     pipe.close()
 
 
@@ -237,7 +239,9 @@ def measure(
     workers: int,
     producers: int,
     timeout: float,
+    broker_pid: int | None = None,
 ) -> dict[str, Any]:
+    from benchmarks.broker import process_cpu_s
     from producers.eifile import EventIndexFile
 
     run_dir = ROOT / "run"
@@ -279,9 +283,14 @@ def measure(
     counter = _StoredCounter(url, settings, datasets)
     counter.target = messages
     time.sleep(3.0)  # consumers subscribed before the clock starts
+    load_before = _load_average()
+    broker_cpu = process_cpu_s(broker_pid)
     started = time.perf_counter()
     go.set()
-    for process, _ in senders:
+    sender_cpu = 0.0
+    for process, pipe in senders:
+        if pipe.poll(timeout):
+            sender_cpu += pipe.recv()[1]
         process.join()
     sent_seconds = time.perf_counter() - started
     deadline = time.monotonic() + timeout
@@ -292,6 +301,8 @@ def measure(
             break
     finished = counter.done.is_set() or _committed_rows(settings) >= total
     elapsed = time.perf_counter() - started
+    broker_cpu = process_cpu_s(broker_pid) - broker_cpu
+    load_after = _load_average()
     counter.close()
     consumer.terminate()  # SIGTERM: flush and exit
     stats, latencies = consumer_pipe.recv() if consumer_pipe.poll(60) else ({}, [])
@@ -309,9 +320,17 @@ def measure(
         "consumer_cpu_s": round(cpu, 2),
         "consumer_cpu_cores": round(cpu / elapsed, 2),
         "consumer_cpu_us_per_event": round(cpu / total * 1e6, 2),
+        # CPU per event of every part: on one machine they share its cores.
+        "sender_cpu_us_per_event": round(sender_cpu / total * 1e6, 2),
+        "broker_cpu_us_per_event": round(broker_cpu / total * 1e6, 2) if broker_pid else None,
+        "load_average_before_after": [load_before, load_after],
         "latency_ms": percentiles_ms(latencies) if latencies else {},
         "consumer": {k: v for k, v in stats.items() if k != "cpu_seconds"},
     }
+
+
+def _load_average() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def broker_only_rate(url: str, messages: int, transaction: int) -> dict[str, Any] | None:
@@ -340,7 +359,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     settings = load_config()
     message_bytes = args.message_bytes or settings.codec.message_bytes
     files, total = ensure_inputs(args.events, message_bytes)
-    with broker_url(args.broker, settings) as (url, own):
+    with broker_url(args.broker, settings) as (url, pid):
         figures = measure(
             url,
             settings,
@@ -349,13 +368,14 @@ def run(argv: list[str]) -> dict[str, Any]:
             workers=args.workers,
             producers=args.producers,
             timeout=args.timeout,
+            broker_pid=pid,
         )
         baseline = broker_only_rate(
             url, args.broker_messages, settings.producer.transaction_messages
         )
     result: dict[str, Any] = {
         "benchmark": "ingest",
-        "broker": "own ActiveMQ" if own else url,
+        "broker": "own ActiveMQ" if pid else url,
         "workers": args.workers,
         "producers": args.producers,
         "message_bytes": message_bytes,

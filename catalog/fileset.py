@@ -64,6 +64,31 @@ class FilesetWriter:
         attributes: Mapping[str, str] | None = None,
     ) -> TagFile:
         """Write ``table`` (sorted by the collection key on the way) and commit its entry."""
+        prepared = self.prepare(
+            table,
+            dataset,
+            kind=kind,
+            part=part,
+            message_ids=message_ids,
+            supersedes=supersedes,
+            attributes=attributes,
+        )
+        return self.commit(prepared)
+
+    def prepare(
+        self,
+        table: pa.Table,
+        dataset: Dataset,
+        *,
+        kind: FileKind = FileKind.MASTER,
+        part: str = "",
+        message_ids: Iterable[str] = (),
+        supersedes: Iterable[str] = (),
+        attributes: Mapping[str, str] | None = None,
+    ) -> TagFile:
+        """``write`` up to the commit: the file is in place, its entry ``writing``. Returns
+        the entry to give ``commit`` (or ``discard``): writers that must decide under a
+        lock whether to commit keep the writing itself out of it."""
         collection = self.catalog.get_collection(dataset.collection)
         file_id = new_file_id()
         entry = TagFile(
@@ -85,24 +110,34 @@ class FilesetWriter:
                 self.options,
                 metadata={"dataset": dataset.name, "file_id": file_id, "kind": kind.value},
             )
-            return self.catalog.commit_tagfile(
-                replace(
-                    entry,
-                    rows=info.rows,
-                    bytes=info.bytes,
-                    checksum=info.checksum,
-                    key_min=info.key_min,
-                    key_max=info.key_max,
-                    state=FileState.COMMITTED,
-                    committed_at=time.time(),
-                    message_ids=tuple(message_ids),
-                    guids=referenced_guids(table),
-                    supersedes=tuple(supersedes),
-                )
-            )
+            guids = referenced_guids(table)
         except BaseException:
             self._forget(entry)
             raise
+        return replace(
+            entry,
+            rows=info.rows,
+            bytes=info.bytes,
+            checksum=info.checksum,
+            key_min=info.key_min,
+            key_max=info.key_max,
+            state=FileState.COMMITTED,
+            message_ids=tuple(message_ids),
+            guids=guids,
+            supersedes=tuple(supersedes),
+        )
+
+    def commit(self, prepared: TagFile) -> TagFile:
+        """Commit an entry ``prepare`` returned; on failure the file and entry are undone."""
+        try:
+            return self.catalog.commit_tagfile(replace(prepared, committed_at=time.time()))
+        except BaseException:
+            self._forget(prepared)
+            raise
+
+    def discard(self, prepared: TagFile) -> None:
+        """Drop what ``prepare`` wrote, instead of committing it."""
+        self._forget(prepared)
 
     def _forget(self, entry: TagFile) -> None:
         """Undo a failed write: delete the file if it got renamed into place, and the

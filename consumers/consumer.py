@@ -15,9 +15,12 @@ absorbed, and only then acknowledges those messages. So:
   message ids are already absorbed, and acknowledges those without storing them;
 * after a lost connection the broker redelivers everything unacknowledged (maybe
   to another worker), so pending messages are dropped when the loss is seen; the
-  absorbed-ids check and the commit run under ``flush_lock`` (a file lock shared
-  by the workers of one machine on a SQLite catalog), so two workers handed the
-  same message cannot both store it.
+  files are written without a lock, then the absorbed-ids check and the commit run
+  under ``flush_lock`` (a file lock shared by the workers of one machine on a
+  SQLite catalog), so two workers handed the same message cannot both store it.
+
+Acknowledgements are cumulative (``coalesce_acks``): every delivery is settled at
+its flush at the latest, and the broker is told once for the run of them.
 
 Invalid messages go to the dead-letter queue with the reason in
 ``HEADER_ERROR``, and are acknowledged; they are counted, never fatal.
@@ -39,7 +42,7 @@ import pyarrow as pa
 
 from catalog.base import Catalog
 from catalog.fileset import FilesetWriter
-from catalog.model import Dataset
+from catalog.model import Dataset, TagFile
 from eventindex.config import ConsumerSettings
 from eventindex.creator import ensure_collection, ensure_dataset
 from eventindex.errors import EventIndexError, NotFoundError, ValidationError
@@ -161,8 +164,10 @@ class EventConsumer:
         """Connect (if needed) and subscribe."""
         if not self.transport.connected:
             self.transport.connect()
+        # Every delivery is settled (stored, dropped as stored, dead-lettered or nacked)
+        # at its flush at the latest: cumulative acks then cost the broker far less.
         self._subscription = self.transport.subscribe(
-            self.destination, prefetch=self.settings.prefetch
+            self.destination, prefetch=self.settings.prefetch, coalesce_acks=True
         )
 
     def _connection_lost(self) -> None:
@@ -369,70 +374,100 @@ class EventConsumer:
         batches, repeats = self._pending, self._repeats
         self._clear_pending()
         self.stats.flushes += 1
-        with self.flush_lock:
-            stored = self._store_batches(batches)
+        stored = self._store_batches(batches)
         self.stats.duplicates += len(repeats)
         self._ack_all(repeats)
         return stored
 
     def _ack_all(self, messages: list[Message]) -> None:
-        """Acknowledge in one broker transaction: one confirmed commit, not one write each."""
-        if not messages:
-            return
-        transaction = self.transport.begin()
-        try:
-            for message in messages:
-                self.transport.ack(message, transaction=transaction)
-            self.transport.commit(transaction)
-        except BaseException:
-            with suppress(TransportError):
-                self.transport.abort(transaction)
-            raise
+        """Acknowledge together, confirmed once by the broker (see ``Transport.ack_many``):
+        a failure half way leaves the rest to be redelivered, and dropped as stored."""
+        self.transport.ack_many(messages)
 
     def _store_batches(self, batches: dict[str, _DatasetBatch]) -> int:
+        """Write a file per dataset, commit those whose messages no other file absorbed
+        meanwhile, then acknowledge. Only the check and the commit hold ``flush_lock``:
+        the workers write their files at the same time."""
         ids = [p.header.message_id for b in batches.values() for p in b.items]
-        absorbed = self.catalog.absorbed_message_ids(ids)
-        stored = 0
+        with self.flush_lock:
+            absorbed = self.catalog.absorbed_message_ids(ids)
+        prepared: list[tuple[str, list[_Pending], TagFile]] = []
+        done: dict[str, list[_Pending]] = {}
         for name, batch in batches.items():
             fresh = [p for p in batch.items if p.header.message_id not in absorbed]
-            done = [p for p in batch.items if p.header.message_id in absorbed]
+            done[name] = [p for p in batch.items if p.header.message_id in absorbed]
             if fresh:
+                entry = self._prepare(name, fresh)
+                if entry is not None:
+                    prepared.append((name, fresh, entry))
+        committed: list[tuple[str, list[_Pending], TagFile]] = []
+        with self.flush_lock:
+            # Another worker may have been handed the same messages (a producer's resend,
+            # a redelivery after a lost connection) and committed them since the check.
+            late = self.catalog.absorbed_message_ids(
+                p.header.message_id for _, items, _ in prepared for p in items
+            )
+            for name, written, written_entry in prepared:
+                items, entry = written, written_entry
+                if late & set(entry.message_ids):
+                    # Rare: write again, under the lock, without what is now stored.
+                    self.writer.discard(entry)
+                    done[name].extend(p for p in written if p.header.message_id in late)
+                    items = [p for p in written if p.header.message_id not in late]
+                    retry = self._prepare(name, items) if items else None
+                    if retry is None:
+                        continue
+                    entry = retry
                 try:
-                    stored += self._store(name, fresh)
-                except TransportError:
-                    raise  # the connection, not the data: run_once starts afresh
+                    committed.append((name, items, self.writer.commit(entry)))
                 except EventIndexError as exc:
-                    # Refuse them: the broker redelivers, and dead-letters after its limit.
-                    log.error("storing %d messages of %s failed: %s", len(fresh), name, exc)
-                    self.stats.failed_flushes += 1
-                    for pending in fresh:
-                        self.transport.nack(pending.message)
-                    fresh = []
-            if done:
-                self.stats.duplicates += len(done)
-                self._ack_all([p.message for p in done])
+                    self._refuse(name, items, exc)
+        stored = sum(self._stored(name, items, entry) for name, items, entry in committed)
+        for name, items in done.items():
+            if items:
+                self.stats.duplicates += len(items)
+                self._ack_all([p.message for p in items])
                 self._publish(
                     BatchStored(
                         consumer=self.name,
-                        collection=done[0].header.collection,
+                        collection=items[0].header.collection,
                         dataset=name,
                         file_id="",
                         events=0,
-                        message_ids=[p.header.message_id for p in done],
+                        message_ids=[p.header.message_id for p in items],
                         committed_at=time.time(),
                     )
                 )
         return stored
 
-    def _store(self, name: str, items: list[_Pending]) -> int:
+    def _prepare(self, name: str, items: list[_Pending]) -> TagFile | None:
+        """Write the file of ``items`` (not yet committed); None if that failed, and then
+        the messages are refused."""
         dataset = self._datasets[name]
         header = items[0].header
-        ensure_collection(self.catalog, header.collection, RecordKind.EVENTS)
-        ensure_dataset(self.catalog, dataset)
         table = pa.concat_tables([p.table for p in items]) if len(items) > 1 else items[0].table
-        message_ids = [p.header.message_id for p in items]
-        entry = self.writer.write(table, dataset, message_ids=message_ids)
-        committed = time.time()
+        try:
+            ensure_collection(self.catalog, header.collection, RecordKind.EVENTS)
+            ensure_dataset(self.catalog, dataset)
+            return self.writer.prepare(
+                table, dataset, message_ids=[p.header.message_id for p in items]
+            )
+        except TransportError:
+            raise  # the connection, not the data: run_once starts afresh
+        except EventIndexError as exc:
+            self._refuse(name, items, exc)
+            return None
+
+    def _refuse(self, name: str, items: list[_Pending], error: EventIndexError) -> None:
+        """Storing failed: nack, so the broker redelivers (and dead-letters after its limit)."""
+        log.error("storing %d messages of %s failed: %s", len(items), name, error)
+        self.stats.failed_flushes += 1
+        for pending in items:
+            self.transport.nack(pending.message)
+
+    def _stored(self, name: str, items: list[_Pending], entry: TagFile) -> int:
+        """After the commit: acknowledge, count, and announce the batch."""
+        committed = entry.committed_at or time.time()
         self._ack_all([p.message for p in items])
         for pending in items:
             sent_at = pending.message.headers.get(HEADER_SENT_AT)
@@ -448,12 +483,12 @@ class EventConsumer:
         self._publish(
             BatchStored(
                 consumer=self.name,
-                collection=header.collection,
+                collection=items[0].header.collection,
                 dataset=name,
                 file_id=entry.file_id,
                 events=entry.rows,
                 guids=guids,
-                message_ids=message_ids,
+                message_ids=list(entry.message_ids),
                 committed_at=committed,
             )
         )

@@ -1,12 +1,14 @@
 """``produce send``: ship an intermediate file's messages to the broker, resumably.
 
-Messages go out persistent, in broker transactions of ``transaction_messages``;
-a commit returns only once the broker has confirmed it. The file's send log is
-updated around every transaction (``sent`` before, ``confirmed`` after), so a
-re-run after a crash sends exactly what was not confirmed, with the same
-message ids; consumers drop what they already stored. A broker that goes away
-mid-send is waited for (the transport reconnects) and the open transaction is
-sent again.
+Messages go out persistent, in broker transactions of ``transaction_messages``,
+each confirmed by the broker (a receipt for its commit). Up to ``in_flight``
+transactions are written before the oldest is confirmed, so the broker commits
+one while the next arrives. The file's send log is updated around every
+transaction (``sent`` before it is written, ``confirmed`` once the broker has
+confirmed it), so a re-run after a crash sends exactly what was not confirmed,
+with the same message ids; consumers drop what they already stored. A
+transaction the broker did not confirm (a lost connection, a refusal, no answer
+in time) is sent again once the transport has reconnected, for ``retry_seconds``.
 
 With ``wait_seconds`` the sender also listens on the status topic and returns
 once consumers have reported every message it sent as stored, or the time is
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +34,21 @@ from eventindex.status import (
     decode_status,
     encode_status,
 )
-from eventindex.transport import EVENTS_QUEUE, STATUS_TOPIC, Transport, TransportError
+from eventindex.transport import (
+    EVENTS_QUEUE,
+    STATUS_TOPIC,
+    Confirmation,
+    Transport,
+    TransportError,
+)
 from producers.eifile import EventIndexFile, StoredMessage
 
 log = logging.getLogger(__name__)
 
 HEADER_MESSAGE_ID = "eventindex-message-id"
 HEADER_DATASET = "eventindex-dataset"
+# Transactions written and not yet confirmed, at most: two keep the broker busy.
+IN_FLIGHT = 2
 
 
 @dataclass
@@ -65,6 +76,15 @@ class SendReport:
         return fields
 
 
+@dataclass
+class _InFlight:
+    """A transaction written to the broker: its confirmation, or why it was not written."""
+
+    batch: list[StoredMessage]
+    confirmation: Confirmation | None
+    failure: TransportError | None = None
+
+
 class FileSender:
     """Sends ``.ei`` files over one transport."""
 
@@ -75,8 +95,12 @@ class FileSender:
         transaction_messages: int = 1000,
         retry_seconds: float = 120.0,
         destination: str = EVENTS_QUEUE,
+        in_flight: int = IN_FLIGHT,
     ) -> None:
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
         self.transport = transport
+        self.in_flight = in_flight
         self.transaction_messages = transaction_messages
         self.retry_seconds = retry_seconds
         self.destination = destination
@@ -116,16 +140,19 @@ class FileSender:
             report.messages_already_confirmed = confirmed[0]
             if progress is not None and confirmed[1]:
                 progress(confirmed[1])
+            window: deque[_InFlight] = deque()
             batch: list[StoredMessage] = []
             for message in ei.messages(unconfirmed_only=True):
                 batch.append(message)
                 if len(batch) >= self.transaction_messages:
-                    self._send_batch(ei, batch, report, progress)
+                    self._write(ei, batch, window, report, progress)
                     batch = []
                     if self._status_subscription is not None:
                         self._drain_status(timeout=0)
             if batch:
-                self._send_batch(ei, batch, report, progress)
+                self._write(ei, batch, window, report, progress)
+            while window:
+                self._settle_oldest(ei, window, report, progress)
             report.seconds = time.perf_counter() - started
             self._publish_statistics(report, header.producer, header.collection)
         if wait_seconds is not None:
@@ -149,15 +176,65 @@ class FileSender:
             report.messages_not_stored = len(missing)
         return all(report.stored for report in reports)
 
-    def _send_batch(
+    def _write(
         self,
         ei: EventIndexFile,
         batch: list[StoredMessage],
+        window: deque[_InFlight],
         report: SendReport,
         progress: Callable[[int], None] | None,
     ) -> None:
+        """Log ``batch`` as sent and write it as a transaction, after confirming the
+        oldest ones while ``in_flight`` are open."""
+        while len(window) >= self.in_flight:
+            self._settle_oldest(ei, window, report, progress)
         ei.mark_sent(m.seq for m in batch)
-        self._retrying(lambda: self._transaction(batch), report)
+        window.append(self._transmit(batch))
+
+    def _transmit(self, batch: list[StoredMessage]) -> _InFlight:
+        try:
+            if not self.transport.connected:
+                self.transport.connect()
+            confirmation = self.transport.send_transaction(
+                self.destination,
+                [(m.payload, {HEADER_MESSAGE_ID: m.message_id}) for m in batch],
+                headers={HEADER_SENT_AT: f"{time.time():.6f}"},
+                persistent=True,
+            )
+        except TransportError as exc:
+            return _InFlight(batch, None, exc)
+        return _InFlight(batch, confirmation)
+
+    def _settle_oldest(
+        self,
+        ei: EventIndexFile,
+        window: deque[_InFlight],
+        report: SendReport,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """Wait for the oldest open transaction; one the broker did not confirm is
+        written again (reconnecting as needed) until it is, for ``retry_seconds``."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.2
+        oldest = window[0]
+        while True:
+            try:
+                if oldest.confirmation is None:
+                    raise oldest.failure or TransportError("transaction not written")
+                oldest.confirmation.wait()
+                break
+            except TransportError as exc:
+                if time.monotonic() > deadline:
+                    raise TransportError(
+                        f"giving up after {self.retry_seconds:.0f} s of broker failures: {exc}"
+                    ) from exc
+                report.retries += 1
+                log.warning("transaction not confirmed (%s); again in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                oldest = window[0] = self._transmit(oldest.batch)
+        window.popleft()
+        batch = oldest.batch
         ei.mark_confirmed(m.seq for m in batch)
         report.sent_ids.update(m.message_id for m in batch)
         events = sum(m.events for m in batch)
@@ -166,25 +243,6 @@ class FileSender:
         report.bytes_sent += sum(len(m.payload) for m in batch)
         if progress is not None:
             progress(events)
-
-    def _transaction(self, batch: list[StoredMessage]) -> None:
-        transaction = self.transport.begin()
-        try:
-            now = f"{time.time():.6f}"
-            for message in batch:
-                self.transport.send(
-                    self.destination,
-                    message.payload,
-                    {HEADER_MESSAGE_ID: message.message_id, HEADER_SENT_AT: now},
-                    persistent=True,
-                    transaction=transaction,
-                )
-            self.transport.commit(transaction)
-        except BaseException:
-            # If the connection is gone, the broker drops the transaction itself.
-            with contextlib.suppress(EventIndexError):
-                self.transport.abort(transaction)
-            raise
 
     def _retrying(self, action: Callable[[], None], report: SendReport) -> None:
         """Run ``action``; on a transport failure reconnect and run it again, for a while."""

@@ -9,8 +9,9 @@ implementation from the URL scheme.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -73,6 +74,23 @@ class Message:
     redelivered: bool = False
 
 
+class Confirmation:
+    """The broker's answer to frames already written (a transaction committed, a batch
+    of acknowledgements): ``wait`` returns once it has confirmed them, or raises.
+
+    This one is confirmed from the start: what a synchronous transport returns.
+    """
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the broker confirmed. Raises ``ConnectionLostError`` if the
+        connection ended first (the outcome is unknown: send again),
+        ``ConfirmationTimeoutError`` after ``timeout`` s (the transport's receipt
+        timeout if None), ``TransportError`` if the broker refused."""
+
+
+CONFIRMED = Confirmation()
+
+
 class Transport(ABC):
     """A connection to a broker. Thread-safe for one producer or consumer process.
 
@@ -109,9 +127,18 @@ class Transport(ABC):
         confirmed it (a STOMP receipt); inside one, ``commit`` confirms the lot."""
 
     @abstractmethod
-    def subscribe(self, destination: str, *, prefetch: int = 64) -> str:
+    def subscribe(
+        self, destination: str, *, prefetch: int = 64, coalesce_acks: bool = False
+    ) -> str:
         """Subscribe with individual client acknowledgements; returns the subscription id.
-        At most ``prefetch`` unacknowledged messages are delivered at a time."""
+        At most ``prefetch`` unacknowledged messages are delivered at a time.
+
+        With ``coalesce_acks`` the transport may tell the broker later, in one
+        cumulative acknowledgement: a message then counts as acknowledged at the broker
+        once it and every message delivered before it on the subscription have been
+        acknowledged or nacked. Acks still come one message at a time from the caller;
+        what is never acknowledged is redelivered after the connection ends, with what
+        came after it. Transactional acks are refused on such a subscription."""
 
     @abstractmethod
     def unsubscribe(self, subscription: str) -> None:
@@ -140,6 +167,57 @@ class Transport(ABC):
     @abstractmethod
     def abort(self, transaction: str) -> None:
         """Abort a transaction: its sends are dropped, its acks undone."""
+
+    def send_transaction(
+        self,
+        destination: str,
+        messages: Sequence[tuple[bytes, Mapping[str, str]]],
+        *,
+        headers: Mapping[str, str] | None = None,
+        persistent: bool = True,
+    ) -> Confirmation:
+        """Send ``messages`` (body, own headers), each also with ``headers``, in one
+        broker transaction, and return what confirms its commit.
+
+        A transport may return before the broker has answered, so that the next
+        transaction is written while the broker commits this one; until
+        ``wait`` returns, nothing is known. This default sends and commits at once.
+        """
+        transaction = self.begin()
+        try:
+            for body, own in messages:
+                self.send(
+                    destination,
+                    body,
+                    {**(headers or {}), **own},
+                    persistent=persistent,
+                    transaction=transaction,
+                )
+            self.commit(transaction)
+        except BaseException:
+            # If the connection is gone, the broker drops the transaction itself.
+            with contextlib.suppress(TransportError):
+                self.abort(transaction)
+            raise
+        return CONFIRMED
+
+    def ack_many(self, messages: Sequence[Message]) -> None:
+        """Acknowledge ``messages`` and return once the broker has confirmed it.
+
+        They are acknowledged together or, if the connection fails half way, some of
+        them: the rest is redelivered. This default acknowledges in one transaction.
+        """
+        if not messages:
+            return
+        transaction = self.begin()
+        try:
+            for message in messages:
+                self.ack(message, transaction=transaction)
+            self.commit(transaction)
+        except BaseException:
+            with contextlib.suppress(TransportError):
+                self.abort(transaction)
+            raise
 
     def __enter__(self) -> Transport:
         self.connect()

@@ -23,7 +23,7 @@ import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -295,6 +295,7 @@ class MemoryTransport(Transport):
         self.broker = broker
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._subscriptions: dict[str, _Subscription] = {}
+        self._coalescing: set[str] = set()
         self._transactions: dict[str, _Transaction] = {}
         self._lock = threading.Lock()
         self._connected = False
@@ -342,11 +343,16 @@ class MemoryTransport(Transport):
             return
         self.broker.publish(destination, body, frame_headers)
 
-    def subscribe(self, destination: str, *, prefetch: int = 64) -> str:
+    def subscribe(
+        self, destination: str, *, prefetch: int = 64, coalesce_acks: bool = False
+    ) -> str:
+        # Acks cost nothing here: each is applied at once, which coalescing allows.
         self._require_connected()
         subscription = self.broker.subscribe(destination, prefetch, self._inbox)
         with self._lock:
             self._subscriptions[subscription.subscription_id] = subscription
+            if coalesce_acks:
+                self._coalescing.add(subscription.subscription_id)
         return subscription.subscription_id
 
     def unsubscribe(self, subscription: str) -> None:
@@ -380,9 +386,19 @@ class MemoryTransport(Transport):
         self._require_connected()
         subscription = self._subscription_of(message)
         if transaction is not None:
+            if message.subscription in self._coalescing:
+                raise TransportError(
+                    f"subscription {message.subscription} coalesces its acks: "
+                    "they cannot be part of a transaction"
+                )
             self._transaction(transaction).acks.append(message)
             return
         self.broker.ack(subscription, message.ack_id)
+
+    def ack_many(self, messages: Sequence[Message]) -> None:
+        # Each ack is applied at once and cannot fail half way for a lost connection.
+        for message in messages:
+            self.ack(message)
 
     def nack(self, message: Message) -> None:
         self._require_connected()

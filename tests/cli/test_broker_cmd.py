@@ -58,7 +58,7 @@ def test_the_conf_is_filled_from_the_settings(tmp_path: Path) -> None:
     broker = root.find(f"{AMQ}broker")
     assert broker is not None
     connectors = {c.get("name"): c.get("uri", "") for c in broker.iter(f"{AMQ}transportConnector")}
-    assert connectors["stomp"].startswith(f"stomp+nio://127.0.0.1:{settings.stomp_port}?")
+    assert connectors["stomp"].startswith(f"stomp://127.0.0.1:{settings.stomp_port}?")
     assert connectors["openwire"].startswith(f"tcp://127.0.0.1:{settings.openwire_port}?")
     assert "stomp+ssl" not in connectors, "the SSL connector ships commented out"
     assert re.search(r'<transportConnector name="stomp\+ssl"', text), "ready to enable"

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -16,6 +17,7 @@ import pytest
 
 from catalog import Collection, Dataset, SQLiteCatalog
 from catalog.fileset import FilesetWriter
+from catalog.model import TagFile
 from consumers.consumer import EventConsumer
 from eventindex.config import ConsumerSettings
 from eventindex.records.codec import MessageHeader, encode_events, encode_message_batches
@@ -183,7 +185,7 @@ def test_redelivery_after_a_crash_stores_nothing_twice(
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # dies between the catalog commit and the acks
 
-    first.transport.commit = crash  # type: ignore[method-assign]
+    first.transport.ack_many = crash  # type: ignore[method-assign]
     for _ in range(len(ids)):
         message = first.transport.receive(timeout=1)
         assert message is not None
@@ -208,6 +210,56 @@ def test_the_same_message_twice_is_stored_once(
     _drain(consumer)
     assert sorted(chain.stored_keys(RAW)) == sorted(_keys(run_tables[RAW]))
     assert consumer.stats.duplicates == consumer.stats.stored_messages
+
+
+def test_what_another_worker_committed_meanwhile_is_not_stored_twice(
+    chain: Chain, run_tables: dict[str, pa.Table]
+) -> None:
+    """Two workers hold the same messages (a producer's resend); the second commits its
+    file while the first is writing its own: the first writes again without them."""
+    first = chain.consumer()
+    only_first = chain.send(run_tables[RAW].slice(600, 300), RAW, "only-first")
+    second = chain.consumer()
+    shared = run_tables[RAW].slice(0, 600)
+    template = MessageHeader(
+        producer="p",
+        message_id="shared",
+        dataset=RAW,
+        collection=SPEC.collection,
+        guid=GUID,
+        task_id="1",
+        job_id="1",
+        count=0,
+    )
+    copies = 0
+    for _, payload in encode_message_batches(shared, template, 3000):
+        chain.producer.send(EVENTS_QUEUE, payload)
+        chain.producer.send(EVENTS_QUEUE, payload)  # round robin: one copy each
+        copies += 1
+    for consumer in (first, second):
+        while (message := consumer.transport.receive(timeout=0.2)) is not None:
+            consumer.handle(message)
+    assert (first.stats.received, second.stats.received) == (len(only_first) + copies, copies)
+    prepare = first.writer.prepare
+    written: list[int] = []
+
+    def racing(*args: Any, **kwargs: Any) -> TagFile:
+        if not written:
+            second.flush()  # commits the shared message ids first
+        entry = prepare(*args, **kwargs)
+        written.append(entry.rows)
+        return entry
+
+    first.writer.prepare = racing  # type: ignore[method-assign]
+    first.flush()
+    assert written == [900, 300], "written with the shared messages, then again without"
+    assert (first.stats.stored_messages, first.stats.duplicates) == (len(only_first), copies)
+    assert sorted(chain.stored_keys(RAW)) == sorted(_keys(run_tables[RAW].slice(0, 900)))
+    entries = chain.catalog.list_tagfiles()
+    assert len(entries) == 2
+    files = sorted(p.name for p in chain.store.rglob("*.parquet"))
+    assert files == sorted(f"{e.file_id}.parquet" for e in entries)
+    assert chain.broker.depth(EVENTS_QUEUE) == 0
 
 
 def _valid_message(table: pa.Table, message_id: str, dataset: str = RAW) -> bytes:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -16,6 +17,7 @@ from eventindex.status import HEADER_SENT_AT, FileSent, decode_status
 from eventindex.transport import (
     EVENTS_QUEUE,
     STATUS_TOPIC,
+    Confirmation,
     Transport,
     TransportError,
     open_transport,
@@ -86,8 +88,8 @@ def test_send_ships_every_message_once(broker_url: str, ei_file: Path) -> None:
 
 
 class _FailingTransport:
-    """Wraps a transport; commits number ``fail_from`` to ``fail_until`` (excluded) raise,
-    as a lost connection would."""
+    """Wraps a transport; transactions number ``fail_from`` to ``fail_until`` (excluded)
+    fail to commit, as with a lost connection."""
 
     def __init__(self, inner: Transport, fail_from: int, fail_until: int = 10**9) -> None:
         self.inner = inner
@@ -98,24 +100,30 @@ class _FailingTransport:
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
-    def commit(self, transaction: str) -> None:
+    def send_transaction(
+        self,
+        destination: str,
+        messages: Sequence[tuple[bytes, Mapping[str, str]]],
+        **options: Any,
+    ) -> Confirmation:
         self.commits += 1
         if self.fail_from <= self.commits < self.fail_until:
             raise TransportError("connection lost")
-        self.inner.commit(transaction)
+        return self.inner.send_transaction(destination, messages, **options)
 
 
 def test_a_rerun_after_a_crash_sends_only_the_rest(broker_url: str, ei_file: Path) -> None:
     with open_transport(broker_url) as transport:
         failing = _FailingTransport(transport, fail_from=3)
-        sender = FileSender(failing, transaction_messages=5, retry_seconds=0)  # type: ignore[arg-type]
+        sender = FileSender(failing, transaction_messages=5, retry_seconds=0, in_flight=2)  # type: ignore[arg-type]
         with pytest.raises(TransportError, match="giving up"):
             sender.send(ei_file)
         with EventIndexFile(ei_file) as ei:
             counts = ei.state_counts()
             total = ei.header.messages
             assert counts["confirmed"][0] == 10
-            assert counts["sent"][0] == 5  # in the transaction that failed: sent again
+            # The two open transactions, both failed: sent again.
+            assert counts["sent"][0] == 10
         report = FileSender(transport, transaction_messages=5).send(ei_file)
         assert report.messages_already_confirmed == 10
         assert report.messages_sent == total - 10

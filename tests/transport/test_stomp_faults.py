@@ -209,3 +209,58 @@ def test_traffic_survives_a_broker_restart(activemq: RunningBroker) -> None:
     finally:
         producer.close()
         consumer.close()
+
+
+def test_an_unconfirmed_transaction_fails_its_confirmation(
+    silent_server: SilentStompServer,
+) -> None:
+    settings = BrokerSettings(receipt_timeout_s=0.5, heartbeat_ms=0, reconnect_attempts=1)
+    transport = open_transport(f"stomp://127.0.0.1:{silent_server.port}", settings)
+    transport.connect()
+    try:
+        confirmation = transport.send_transaction("/queue/eitest.silent", [(b"x", {})])
+        with pytest.raises(ConfirmationTimeoutError):
+            confirmation.wait()
+        with pytest.raises(ConfirmationTimeoutError):
+            confirmation.wait()  # the outcome stays
+    finally:
+        transport.close()
+
+
+class RefusingStompServer(SilentStompServer):
+    """Answers CONNECT, then meets the first COMMIT with an ERROR that names no receipt,
+    as ActiveMQ does when a SEND inside the transaction failed."""
+
+    def _serve(self) -> None:
+        try:
+            connection, _ = self.listener.accept()
+        except OSError:
+            return
+        self.connections.append(connection)
+        received = b""
+        while b"\0" not in received:
+            received += connection.recv(4096)
+        connection.sendall(b"CONNECTED\nversion:1.2\nheart-beat:0,0\n\n\0")
+        while b"COMMIT" not in received:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return
+            received += chunk
+        connection.sendall(b"ERROR\nmessage:send refused\n\n\0")
+
+
+def test_an_error_naming_no_receipt_fails_the_open_transaction() -> None:
+    server = RefusingStompServer()
+    settings = BrokerSettings(receipt_timeout_s=5, heartbeat_ms=0, reconnect_attempts=1)
+    transport = open_transport(f"stomp://127.0.0.1:{server.port}", settings)
+    transport.connect()
+    try:
+        confirmation = transport.send_transaction("/queue/eitest.refused", [(b"x" * 5000, {})])
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="send refused") as failure:
+            confirmation.wait()
+        assert not isinstance(failure.value, ConfirmationTimeoutError)
+        assert time.monotonic() - started < 4
+    finally:
+        transport.close()
+        server.close()

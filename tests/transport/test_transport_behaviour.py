@@ -240,3 +240,64 @@ def test_a_closed_transport_refuses_to_send(broker: BrokerUnderTest, queue_name:
     assert not transport.connected
     with pytest.raises(TransportError, match="not connected"):
         transport.send(queue_name, b"x")
+
+
+def test_a_sent_transaction_appears_once_confirmed(
+    broker: BrokerUnderTest, queue_name: str
+) -> None:
+    producer, consumer = broker.open(), broker.open()
+    consumer.subscribe(queue_name, prefetch=100)
+    # Ids with the characters STOMP headers escape; a body with every byte value.
+    messages = [
+        (bytes(range(256)) * 4 + bytes([index]), {"eventindex-message-id": f"G:{index}\\x\ny"})
+        for index in range(25)
+    ]
+    first = producer.send_transaction(queue_name, messages[:20], headers={"common": "a:b"})
+    second = producer.send_transaction(queue_name, messages[20:])  # written before the first
+    first.wait()
+    second.wait()
+    received = take(consumer, 25, ack=False)
+    assert bodies(received) == [body for body, _ in messages]
+    assert [m.headers["eventindex-message-id"] for m in received] == [
+        own["eventindex-message-id"] for _, own in messages
+    ]
+    assert [m.headers.get("common") for m in received] == ["a:b"] * 20 + [None] * 5
+    consumer.ack_many(received[:10])
+    consumer.close()
+    survivor = broker.open()
+    survivor.subscribe(queue_name, prefetch=100)
+    again = take(survivor, 15, ack=False)
+    assert sorted(bodies(again)) == sorted(body for body, _ in messages[10:])
+    survivor.ack_many(again)
+    survivor.ack_many([])
+    survivor.close()
+    last = broker.open()
+    last.subscribe(queue_name)
+    assert last.receive(timeout=QUIET) is None
+
+
+def test_coalesced_acks_count_once_every_older_delivery_is_settled(
+    broker: BrokerUnderTest, queue_name: str
+) -> None:
+    producer, consumer = broker.open(), broker.open()
+    for index in range(5):
+        producer.send(queue_name, f"c{index}".encode())
+    subscription = consumer.subscribe(queue_name, prefetch=10, coalesce_acks=True)
+    first, second, third, fourth, fifth = take(consumer, 5, ack=False)
+    assert {m.subscription for m in (first, fifth)} == {subscription}
+    consumer.ack(third)  # out of order: may wait for the older ones
+    consumer.nack(second)  # back to the queue, redelivered
+    consumer.ack_many([first])
+    consumer.ack(fifth)  # the fourth is never settled
+    transaction = consumer.begin()
+    with pytest.raises(TransportError, match="coalesces"):
+        consumer.ack(fourth, transaction=transaction)
+    consumer.abort(transaction)
+    consumer.close()
+    survivor = broker.open()
+    survivor.subscribe(queue_name)
+    returned = take(survivor, 2 if broker.name == "memory" else 3)
+    # c1 (nacked) and c3 (never acked) come back; a broker that acknowledges
+    # cumulatively brings back c4 too, delivered after the unsettled c3.
+    assert {b"c1", b"c3"} <= set(bodies(returned)) <= {b"c1", b"c3", b"c4"}
+    assert survivor.receive(timeout=QUIET) is None
