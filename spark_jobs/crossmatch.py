@@ -1,9 +1,10 @@
-"""The crossmatch job: every chunk of two catalogs partitioned alike, one task per chunk.
+"""The crossmatch job: every chunk of two catalogs partitioned alike, a task per file group.
 
 Plan (driver): open both tables from the catalog, refuse a radius above the
-right table's overlap or different grids, and list the chunk tasks (the files
-each reads) from metadata alone. Transform (executors, no Spark API):
-``eventindex.query.crossmatch.match_task`` per chunk. Main: the pairs are
+right table's overlap or different grids, and list the tasks (a left chunk
+file and the right files of the same run of chunks) from metadata alone.
+Transform (executors, no Spark API): ``eventindex.query.crossmatch.match_task``
+per task. Main: the pairs are
 written as Parquet under the output folder (Spark's writer on a cluster; one
 file in this process with ``--local``).
 """
@@ -41,7 +42,7 @@ class CrossmatchSummary:
     right: str
     radius_arcsec: float
     mode: str
-    chunks: int = 0
+    tasks: int = 0  # file groups matched (each a run of chunks)
     pairs: int = 0
     output: str = ""
     seconds: float = 0.0
@@ -51,11 +52,12 @@ class CrossmatchSummary:
 
 
 def match_partition(batches: Iterator[pa.RecordBatch], spec: MatchSpec) -> Iterator[pa.RecordBatch]:
-    """The executor side: each row of a batch is one chunk task."""
+    """The executor side: each row of a batch is one task."""
     for batch in batches:
         for task in batch.to_pylist():
             pairs = match_task(
-                ChunkTask(task["chunk_id"], task["left_uri"], tuple(task["right_uris"])), spec
+                ChunkTask(task["first"], task["last"], task["left_uri"], tuple(task["right_uris"])),
+                spec,
             )
             yield from pairs.to_batches()
 
@@ -78,7 +80,7 @@ def run_crossmatch(
     check_match(left, right, spec)
     tasks = plan_chunks(left, right)
     summary = CrossmatchSummary(left.name, right.name, spec.radius_arcsec, spec.mode.value)
-    summary.chunks, summary.output = len(tasks), output
+    summary.tasks, summary.output = len(tasks), output
     if spark is None:
         pieces = [match_task(task, spec) for task in tasks]
         pairs = pa.concat_tables([MATCH_SCHEMA.empty_table(), *pieces])
@@ -89,11 +91,16 @@ def run_crossmatch(
         from pyspark.sql.pandas.types import from_arrow_schema
 
         rows = [
-            {"chunk_id": t.chunk_id, "left_uri": t.left_uri, "right_uris": list(t.right_uris)}
+            {
+                "first": t.first,
+                "last": t.last,
+                "left_uri": t.left_uri,
+                "right_uris": list(t.right_uris),
+            }
             for t in tasks
         ]
         frame = spark.createDataFrame(
-            rows, "chunk_id long, left_uri string, right_uris array<string>"
+            rows, "first long, last long, left_uri string, right_uris array<string>"
         )
         slices = max(1, min(len(rows), spark.sparkContext.defaultParallelism * 4))
         pairs_frame = frame.repartition(slices).mapInArrow(

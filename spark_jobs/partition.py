@@ -3,8 +3,9 @@
 Plan (driver): read the input (Parquet, CSV, or a dataset's master files),
 refuse bad positions and duplicate object ids before anything is written, and
 register the dataset with the grid parameters. Transform (executors, no Spark
-API): ``eventindex.spatial.partition`` assigns cells and overlap copies per
-Arrow batch; each (chunk, kind) group is sorted and written as one map-file;
+API): ``eventindex.spatial.partition`` assigns cells, overlap copies and file
+groups per Arrow batch; each (file group, kind) is sorted in one sort and
+written as one map-file holding a run of whole chunks;
 the director rows, range-partitioned and sorted by object id, are written as
 one director file per partition. Main: the driver registers every written file
 and commits it. A job that fails after writing removes what it wrote; a driver
@@ -37,22 +38,27 @@ from eventindex.spatial.partition import (
     OBJECT_ID,
     SUB_CHUNK_ID,
     Columns,
+    FileGroups,
     PartitionedWriter,
     PartitionSummary,
     assign_cells,
-    chunk_pieces,
+    chunk_write_options,
+    director_write_options,
+    file_pieces,
     input_tables,
     normalize,
     partition_children,
     partition_local,
+    write_sorted,
 )
-from eventindex.storage import MapFileInfo, MapFileWriter, WriteOptions, write_mapfile
+from eventindex.storage import MapFileInfo, MapFileWriter, WriteOptions
 from eventindex.storage.filesystem import delete_file, exists, join
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 IS_OVERLAP = "_is_overlap"
+FILE_GROUP = "_file_group"
 WRITTEN_SCHEMA = pa.schema(
     [
         ("kind", pa.string()),
@@ -64,6 +70,7 @@ WRITTEN_SCHEMA = pa.schema(
         ("checksum", pa.string()),
         ("key_min", pa.list_(pa.int64())),
         ("key_max", pa.list_(pa.int64())),
+        ("chunks", pa.list_(pa.int64())),  # chunk ids with rows in a chunk file
     ]
 )
 
@@ -81,8 +88,11 @@ class FileTarget:
         return join(self.folder, kind.value, name)
 
 
-def _written(kind: FileKind, part: str, file_id: str, info: MapFileInfo) -> dict[str, Any]:
+def _written(
+    kind: FileKind, part: str, file_id: str, info: MapFileInfo, chunks: list[int] | None = None
+) -> dict[str, Any]:
     return {
+        "chunks": chunks or [],
         "kind": kind.value,
         "part": part,
         "file_id": file_id,
@@ -98,29 +108,35 @@ def _written(kind: FileKind, part: str, file_id: str, info: MapFileInfo) -> dict
 # -- transforms (run on executors, tested on small tables) ----------------------
 
 
-def assign_batch(table: pa.Table, chunker: Chunker, columns: Columns) -> pa.Table:
-    """Home rows and overlap copies of one input batch, flagged by ``_is_overlap``."""
-    primary, overlap = assign_cells(normalize(table, columns), chunker)
-    return pa.concat_tables(
+def assign_batch(table: pa.Table, groups: FileGroups, columns: Columns) -> pa.Table:
+    """Home rows and overlap copies of one input batch, flagged by ``_is_overlap``,
+    with the file group (``_file_group``) each goes to."""
+    primary, overlap = assign_cells(normalize(table, columns), groups.chunker)
+    both = pa.concat_tables(
         [
             primary.append_column(IS_OVERLAP, pa.array(np.zeros(primary.num_rows, bool))),
             overlap.append_column(IS_OVERLAP, pa.array(np.ones(overlap.num_rows, bool))),
         ]
     )
+    index = groups.index_of(both.column(CHUNK_ID).to_numpy())
+    return both.append_column(FILE_GROUP, pa.array(index.astype(np.int32)))
 
 
-def write_chunk_group(table: pa.Table, target: FileTarget) -> pa.Table:
-    """Write one (chunk, kind) group as a map-file sorted by (sub-chunk, object id)."""
+def write_chunk_group(table: pa.Table, target: FileTarget, groups: FileGroups) -> pa.Table:
+    """Write the rows of one (file group, kind) as a map-file sorted by the chunk key."""
     from catalog.model import new_file_id
 
     kind = FileKind.OVERLAP if table.column(IS_OVERLAP)[0].as_py() else FileKind.CHUNK
     rows = []
-    for chunk_id, piece in chunk_pieces(table.drop_columns([IS_OVERLAP])):
+    for index, piece in file_pieces(table.drop_columns([IS_OVERLAP, FILE_GROUP]), groups):
         file_id = new_file_id()
-        meta = {"dataset": target.dataset, "kind": kind.value, "chunk_id": str(chunk_id)}
-        uri = target.uri(kind, file_id, str(chunk_id))
-        info = write_mapfile(piece, uri, CHUNK_KEY, target.options, meta)
-        rows.append(_written(kind, str(chunk_id), file_id, info))
+        part = groups.part(index)
+        meta = {"dataset": target.dataset, "kind": kind.value, "chunks": part}
+        uri = target.uri(kind, file_id, part)
+        options = chunk_write_options(target.options, piece.schema)
+        info = write_sorted(piece, uri, CHUNK_KEY, options, meta)
+        chunks = np.unique(piece.column(CHUNK_ID).to_numpy()).tolist()
+        rows.append(_written(kind, part, file_id, info, chunks))
     return pa.Table.from_pylist(rows, WRITTEN_SCHEMA)
 
 
@@ -138,7 +154,8 @@ def write_director_part(batches: Iterator[pa.RecordBatch], target: FileTarget) -
                 continue
             table = pa.Table.from_batches([batch])
             if writer is None:
-                writer = MapFileWriter(uri, table.schema, DIRECTOR_KEY, target.options, meta)
+                options = director_write_options(target.options)
+                writer = MapFileWriter(uri, table.schema, DIRECTOR_KEY, options, meta)
             writer.write(table)
     except BaseException:
         if writer is not None:
@@ -215,9 +232,9 @@ def run_partition(
 
     started = time.perf_counter()
     check_input(frame, columns)
-    chunker = writer.chunker
+    groups = writer.groups
     sample = pa.Schema.from_pandas(frame.limit(0).toPandas(), preserve_index=False)
-    assigned_schema = assign_batch(sample.empty_table(), chunker, columns).schema
+    assigned_schema = assign_batch(sample.empty_table(), groups, columns).schema
     target = FileTarget(
         folder=join(writer.files.root, writer.dataset.collection, writer.dataset.name),
         dataset=writer.dataset.name,
@@ -226,12 +243,12 @@ def run_partition(
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            yield from assign_batch(pa.Table.from_batches([batch]), chunker, columns).to_batches()
+            yield from assign_batch(pa.Table.from_batches([batch]), groups, columns).to_batches()
 
     assigned = frame.mapInArrow(assign, _arrow_to_spark(assigned_schema))
     written_type = _arrow_to_spark(WRITTEN_SCHEMA)
-    chunk_files = assigned.groupBy(CHUNK_ID, IS_OVERLAP).applyInArrow(
-        lambda table: write_chunk_group(table, target), written_type
+    chunk_files = assigned.groupBy(FILE_GROUP, IS_OVERLAP).applyInArrow(
+        lambda table: write_chunk_group(table, target, groups), written_type
     )
     parts = director_partitions or max(1, spark.sparkContext.defaultParallelism)
     director_files = (
@@ -276,7 +293,7 @@ def register_written(writer: PartitionedWriter, written: list[dict[str, Any]]) -
     if not entries:
         raise ValidationError("the input holds no rows")
     writer.catalog.add_tagfiles(entries)
-    chunks: set[str] = set()
+    chunks: set[int] = set()
     for entry, row in zip(entries, written, strict=True):
         info = MapFileInfo(
             uri=row["uri"],
@@ -290,7 +307,7 @@ def register_written(writer: PartitionedWriter, written: list[dict[str, Any]]) -
         writer.commit(entry, info)
         if entry.kind is FileKind.CHUNK:
             writer.summary.rows += info.rows
-            chunks.add(entry.part)
+            chunks.update(row["chunks"])
         elif entry.kind is FileKind.OVERLAP:
             writer.summary.overlap_rows += info.rows
     writer.summary.chunks = len(chunks)
@@ -317,10 +334,14 @@ def partition_catalog(
     on Spark when a session is given, else in this process. With ``director`` (a
     partitioned table) and ``child_key``, ``source`` is a child table: its rows go to
     their object's chunk (in this process)."""
+    spatial = settings.spatial
     options = WriteOptions(
-        row_group_rows=settings.spatial.row_group_rows,
-        compression=settings.mapfile.compression,
-        compression_level=settings.mapfile.compression_level,
+        row_group_rows=spatial.row_group_rows,
+        compression=spatial.compression,
+        # The [mapfile] level is zstd's; other codecs take their own default.
+        compression_level=(
+            settings.mapfile.compression_level if spatial.compression == "zstd" else None
+        ),
     )
     uris = dataset_uris(catalog, source)
     if director is not None:

@@ -2,10 +2,11 @@
 
 Every pair closer than the overlap radius meets in the home sub-chunk of its
 left row: there the right rows are the sub-chunk's own rows plus its overlap
-copies. So a chunk is matched alone (``match_task``: left chunk file against
-right chunk + overlap files) with no data from any other chunk, which is what
-lets a Spark job run one task per chunk. Inside a chunk, right rows are sorted
-by (sub-chunk, dec); each left row bisects its declination window and the
+copies. So a run of chunks is matched alone (``match_task``: a left chunk file
+against the right chunk and overlap files of the same chunks) with no data from
+any other chunk, which is what lets a Spark job run one task per file group.
+Inside a task, the rows of the smaller side are sorted by (cell, dec); each row
+of the other side bisects its declination window in its own cell and the
 candidates are kept by exact angular distance, all vectorised.
 """
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from eventindex.errors import StorageError, ValidationError
 from eventindex.query.objects import ObjectTable
-from eventindex.spatial.partition import OBJECT_ID, SUB_CHUNK_ID
+from eventindex.spatial.partition import CHUNK_ID, OBJECT_ID, SUB_CHUNK_ID, parse_part
 from eventindex.spatial.regions import Region, angular_separation
 from eventindex.storage import resolve
 
@@ -32,8 +33,8 @@ MATCH_SCHEMA = pa.schema(
         pa.field("distance_arcsec", pa.float64(), nullable=False),
     ]
 )
-_KEY_STRIDE = 1000.0  # > 180: sub-chunk id and dec + 90 packed in one sortable float
-_MATCH_COLUMNS = [OBJECT_ID, "ra", "dec", SUB_CHUNK_ID]
+_KEY_STRIDE = 1000.0  # > 180: a cell's rank and dec + 90 packed in one sortable float
+_MATCH_COLUMNS = [OBJECT_ID, "ra", "dec", CHUNK_ID, SUB_CHUNK_ID]
 
 
 class MatchMode(enum.StrEnum):
@@ -71,36 +72,62 @@ def check_match(left: ObjectTable, right: ObjectTable, spec: MatchSpec) -> None:
         )
 
 
+def _cells(table: pa.Table) -> np.ndarray:
+    """(chunk, sub-chunk) of each row packed in one int64."""
+    cells: np.ndarray = table.column(CHUNK_ID).to_numpy().astype(np.int64) << 32
+    cells |= table.column(SUB_CHUNK_ID).to_numpy().astype(np.int64)
+    return cells
+
+
+def _candidates(
+    sorted_keys: np.ndarray, keys: np.ndarray, slack: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row of ``keys``, position in ``sorted_keys``) of every key within ``slack``."""
+    low = np.searchsorted(sorted_keys, keys - slack, side="left")
+    high = np.searchsorted(sorted_keys, keys + slack, side="right")
+    counts = high - low
+    total = int(counts.sum())
+    rows = np.repeat(np.arange(len(keys)), counts)
+    positions = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    positions += np.repeat(low, counts)
+    return rows, positions
+
+
 def match_rows(left: pa.Table, right: pa.Table, spec: MatchSpec) -> pa.Table:
-    """Pairs of one chunk: ``left`` its home rows, ``right`` its home and overlap rows
-    (columns ``object_id``, ``ra``, ``dec``, ``sub_chunk_id``)."""
+    """Pairs of a run of chunks: ``left`` its home rows, ``right`` its home and overlap
+    rows (columns ``object_id``, ``ra``, ``dec``, ``chunk_id``, ``sub_chunk_id``)."""
     if left.num_rows == 0 or right.num_rows == 0:
         return MATCH_SCHEMA.empty_table()
     radius = spec.radius_deg
-    r_sub = right.column(SUB_CHUNK_ID).to_numpy().astype(np.float64)
-    r_dec = right.column("dec").to_numpy()
-    r_key = r_sub * _KEY_STRIDE + (r_dec + 90.0)
-    order = np.argsort(r_key, kind="stable")
-    r_key = r_key[order]
-    r_ra = right.column("ra").to_numpy()[order]
-    r_dec = r_dec[order]
-    r_id = right.column(OBJECT_ID).to_numpy()[order]
-
-    l_sub = left.column(SUB_CHUNK_ID).to_numpy().astype(np.float64)
-    l_dec = left.column("dec").to_numpy()
-    l_key = l_sub * _KEY_STRIDE + (l_dec + 90.0)
-    slack = radius * (1.0 + 1e-9) + 1e-9  # rounding of the packed key never drops a pair
-    low = np.searchsorted(r_key, l_key - slack, side="left")
-    high = np.searchsorted(r_key, l_key + slack, side="right")
-    counts = high - low
-    total = int(counts.sum())
-    if total == 0:
+    # Only cells of the left rows can hold pairs: a dense rank of them, packed with
+    # dec into one float key, so one sort and one bisect serve every cell at once.
+    l_cells, r_cells = _cells(left), _cells(right)
+    cells = np.unique(l_cells)
+    r_rank = np.searchsorted(cells, r_cells)
+    r_in = r_rank < len(cells)
+    r_in[r_in] = cells[r_rank[r_in]] == r_cells[r_in]
+    r_rows = np.flatnonzero(r_in)
+    if len(r_rows) == 0:
         return MATCH_SCHEMA.empty_table()
-    left_index = np.repeat(np.arange(left.num_rows), counts)
-    right_index = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-    right_index += np.repeat(low, counts)
-    l_ra = left.column("ra").to_numpy()
-    l_id = left.column(OBJECT_ID).to_numpy()
+    l_key = np.searchsorted(cells, l_cells) * _KEY_STRIDE + (left.column("dec").to_numpy() + 90.0)
+    r_key = r_rank[r_rows] * _KEY_STRIDE + (right.column("dec").to_numpy()[r_rows] + 90.0)
+    # Rounding of the packed keys never drops a pair: the slack covers a few ulps.
+    top = max(float(np.abs(l_key).max()), float(np.abs(r_key).max()))
+    slack = radius * (1.0 + 1e-9) + 8.0 * float(np.spacing(top))
+    # Sort the smaller side, bisect with the larger one.
+    if len(l_key) <= len(r_key):
+        l_order = np.argsort(l_key)
+        found_r, at = _candidates(l_key[l_order], r_key, slack)
+        left_index, right_index = l_order[at], r_rows[found_r]
+    else:
+        r_order = np.argsort(r_key)
+        left_index, at = _candidates(r_key[r_order], l_key, slack)
+        right_index = r_rows[r_order[at]]
+    if len(left_index) == 0:
+        return MATCH_SCHEMA.empty_table()
+    l_ra, l_dec = left.column("ra").to_numpy(), left.column("dec").to_numpy()
+    r_ra, r_dec = right.column("ra").to_numpy(), right.column("dec").to_numpy()
+    l_id, r_id = left.column(OBJECT_ID).to_numpy(), right.column(OBJECT_ID).to_numpy()
     distance = angular_separation(
         l_ra[left_index], l_dec[left_index], r_ra[right_index], r_dec[right_index]
     )
@@ -130,15 +157,19 @@ def match_rows(left: pa.Table, right: pa.Table, spec: MatchSpec) -> pa.Table:
 
 @dataclass(frozen=True)
 class ChunkTask:
-    """The files one chunk's match reads: left home rows, right home and overlap rows."""
+    """The files one task reads: the left chunk file of a run of chunks
+    (``first``..``last``), and the right chunk and overlap files sharing chunks with it."""
 
-    chunk_id: int
+    first: int
+    last: int
     left_uri: str
     right_uris: tuple[str, ...]
 
 
 def _read_rows(uri: str) -> pa.Table:
-    # A whole-file read needs no key index: plain Parquet, the four columns only.
+    # A whole-file read needs no key index: plain Parquet, the match columns only. Right
+    # files cut into other runs of chunks may hold rows of other cells: the match skips
+    # them.
     filesystem, path = resolve(uri)
     try:
         return pq.read_table(path, columns=_MATCH_COLUMNS, filesystem=filesystem)
@@ -147,7 +178,7 @@ def _read_rows(uri: str) -> pa.Table:
 
 
 def match_task(task: ChunkTask, spec: MatchSpec, region: Region | None = None) -> pa.Table:
-    """Pairs whose left row lives in the task's chunk (and in ``region`` when given)."""
+    """Pairs whose left row lives in the task's chunks (and in ``region`` when given)."""
     left_rows = _read_rows(task.left_uri)
     if region is not None:
         ra, dec = left_rows.column("ra").to_numpy(), left_rows.column("dec").to_numpy()
@@ -161,23 +192,23 @@ def match_task(task: ChunkTask, spec: MatchSpec, region: Region | None = None) -
 def plan_chunks(
     left: ObjectTable, right: ObjectTable, region: Region | None = None
 ) -> list[ChunkTask]:
-    """What metadata decides: the left's chunks where the right holds rows (home or
-    overlap), within ``region`` when given, with the files each one reads."""
-    chunks = set(left.chunk_files) & (set(right.chunk_files) | set(right.overlap_files))
-    if region is not None:
-        chunks &= set(region.chunks(left.chunker))
-    return [
-        ChunkTask(
-            chunk_id,
-            left.chunk_files[chunk_id].uri,
-            tuple(
-                files[chunk_id].uri
-                for files in (right.chunk_files, right.overlap_files)
-                if chunk_id in files
-            ),
-        )
-        for chunk_id in sorted(chunks)
-    ]
+    """What metadata decides: a task per left chunk file whose chunks the right holds
+    rows of (home or overlap), within ``region`` when given, with the files it reads."""
+    wanted = None if region is None else set(region.chunks(left.chunker))
+    tasks = []
+    for entry in left.chunk_files:
+        first, last = parse_part(entry.part)
+        if wanted is not None and not any(first <= c <= last for c in wanted):
+            continue
+        right_files = [
+            e
+            for files in (right.chunk_files, right.overlap_files)
+            for e in files.overlapping(first, last)
+            if e.key_min[0] <= last and e.key_max[0] >= first
+        ]
+        if right_files:
+            tasks.append(ChunkTask(first, last, entry.uri, tuple(e.uri for e in right_files)))
+    return tasks
 
 
 def crossmatch(

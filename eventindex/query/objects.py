@@ -6,17 +6,19 @@ pruned by ``lsst.sphgeom``, intersected with the chunks the catalog holds);
 ``ObjectTable.search`` then reads only those key ranges, keeps the rows of the
 touched sub-chunks and filters them exactly (angular distance for a cone).
 A pick bisects the director files by key range, reads the object's
-(chunk, sub-chunk) and then reads that one key of that one chunk file.
+(chunk, sub-chunk) and then reads that one key of the chunk file that holds the
+chunk (files hold runs of whole chunks, named by their part ``"first-last"``).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +34,12 @@ from eventindex.spatial.chunker import Chunker, IntArray, SpatialError
 from eventindex.spatial.partition import (
     CHUNK_ID,
     DIRECTOR_ROLE,
+    LAYOUT,
+    LAYOUT_ATTRIBUTE,
     OBJECT_ID,
     ROLE_ATTRIBUTE,
     SUB_CHUNK_ID,
+    parse_part,
 )
 from eventindex.spatial.regions import Circle, Region, angular_separation
 from eventindex.storage import QUERY_INDEX, MapFileReader
@@ -43,10 +48,45 @@ DISTANCE_COLUMN = "distance_arcsec"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+class ChunkFiles:
+    """The files of one kind (chunk or overlap) of a table, by the run of chunks each
+    holds: ``file_of(chunk_id)`` bisects their first chunks."""
+
+    def __init__(self, entries: Sequence[TagFile]) -> None:
+        spans = sorted(((*parse_part(e.part), e) for e in entries), key=lambda s: s[:2])
+        self.entries = [e for _, _, e in spans]
+        self.firsts = [first for first, _, _ in spans]
+        self.lasts = [last for _, last, _ in spans]
+        for before, after in itertools.pairwise(spans):
+            if after[0] <= before[1]:
+                raise ValidationError(
+                    f"files {before[2].uri} and {after[2].uri} hold the same chunks"
+                )
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[TagFile]:
+        return iter(self.entries)
+
+    def file_of(self, chunk_id: int) -> TagFile | None:
+        """The file whose run holds ``chunk_id`` (it may hold no row of it)."""
+        index = bisect.bisect_right(self.firsts, chunk_id) - 1
+        if index < 0 or self.lasts[index] < chunk_id:
+            return None
+        return self.entries[index]
+
+    def overlapping(self, first: int, last: int) -> list[TagFile]:
+        """The files whose runs share a chunk with ``[first, last]``."""
+        start = max(0, bisect.bisect_right(self.firsts, first) - 1)
+        stop = bisect.bisect_right(self.firsts, last)
+        return [e for i, e in enumerate(self.entries[start:stop], start) if self.lasts[i] >= first]
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     """What metadata decides: for each chunk the region may touch and the catalog holds,
-    its chunk file and the sub-chunks to keep."""
+    the chunk file holding it and the sub-chunks to keep."""
 
     region: Region
     sub_chunks: dict[int, IntArray]
@@ -67,17 +107,23 @@ class ObjectTable:
     def __init__(self, catalog: Catalog, dataset: Dataset, *, max_open_files: int = 2048) -> None:
         self.dataset = dataset
         self.chunker = Chunker.from_parameters(dataset.attributes)
+        layout = dataset.attributes.get(LAYOUT_ATTRIBUTE)
+        if layout != LAYOUT:
+            raise ValidationError(
+                f"{dataset.name} is laid out as {layout or 'one file per chunk'}, not "
+                f"{LAYOUT}: partition it again"
+            )
         entries = catalog.list_tagfiles(
             dataset=dataset.name, kinds=[FileKind.CHUNK, FileKind.OVERLAP, FileKind.DIRECTOR]
         )
-        self.chunk_files = {int(e.part): e for e in entries if e.kind is FileKind.CHUNK}
-        self.overlap_files = {int(e.part): e for e in entries if e.kind is FileKind.OVERLAP}
+        self.chunk_files = ChunkFiles([e for e in entries if e.kind is FileKind.CHUNK])
+        self.overlap_files = ChunkFiles([e for e in entries if e.kind is FileKind.OVERLAP])
         directors = sorted(
             (e for e in entries if e.kind is FileKind.DIRECTOR), key=lambda e: e.key_min
         )
         self._director = directors
         self._director_starts = [e.key_min[0] for e in directors]
-        self.rows = sum(e.rows for e in self.chunk_files.values())
+        self.rows = sum(e.rows for e in self.chunk_files)
         self._files = OpenFiles(max_open_files)
 
     @property
@@ -124,16 +170,21 @@ class ObjectTable:
         if cell is None:
             return None
         chunk_id, sub_chunk_id = cell
-        entry = self.chunk_files.get(chunk_id)
+        entry = self.chunk_files.file_of(chunk_id)
         if entry is None:
             return None
-        return self.reader(entry).get((sub_chunk_id, object_id), columns)
+        return self.reader(entry).get((chunk_id, sub_chunk_id, object_id), columns)
 
     # -- by region -------------------------------------------------------
     def plan_search(self, region: Region) -> SearchPlan:
         """The chunk files and sub-chunks a region may touch (no file is read)."""
         touched = region.sub_chunks(self.chunker)
-        files = {c: self.chunk_files[c] for c in touched if c in self.chunk_files}
+        files = {}
+        for chunk_id in touched:
+            entry = self.chunk_files.file_of(int(chunk_id))
+            # The file's key range says whether it holds any row of the chunk.
+            if entry is not None and entry.key_min[0] <= chunk_id <= entry.key_max[0]:
+                files[int(chunk_id)] = entry
         return SearchPlan(region, {c: touched[c] for c in files}, files)
 
     def search(
@@ -153,7 +204,8 @@ class ObjectTable:
             subs = plan.sub_chunks[chunk_id]
             reader = self.reader(plan.files[chunk_id])
             read_columns = None if wanted is None else [*wanted, SUB_CHUNK_ID]
-            for table in reader.scan((int(subs[0]),), (int(subs[-1]),), read_columns):
+            low, high = (chunk_id, int(subs[0])), (chunk_id, int(subs[-1]))
+            for table in reader.scan(low, high, read_columns):
                 keep = np.isin(table.column(SUB_CHUNK_ID).to_numpy(), subs)
                 ra = table.column("ra").to_numpy()
                 dec = table.column("dec").to_numpy()
@@ -187,7 +239,7 @@ class ObjectTable:
     def _schema(self, wanted: Sequence[str] | None) -> pa.Schema:
         if not self.chunk_files:
             return pa.schema([(OBJECT_ID, pa.int64()), ("ra", pa.float64()), ("dec", pa.float64())])
-        schema = self.reader(next(iter(self.chunk_files.values()))).schema
+        schema = self.reader(self.chunk_files.entries[0]).schema
         names = schema.names if wanted is None else wanted
         return pa.schema([schema.field(n) for n in names])
 
@@ -283,6 +335,7 @@ def cone(ra: float, dec: float, radius_arcsec: float) -> Circle:
 
 __all__ = [
     "DISTANCE_COLUMN",
+    "ChunkFiles",
     "ObjectCatalogs",
     "ObjectTable",
     "SearchPlan",

@@ -78,7 +78,10 @@ def test_search_matches_brute_force(
 def test_search_reads_only_touched_chunks(table: ObjectTable) -> None:
     plan = table.plan_search(cone(10.0, 5.0, 60.0))
     assert 1 <= len(plan.chunks) <= 2
-    assert set(plan.chunks) <= set(table.chunk_files)
+    for chunk_id in plan.chunks:
+        entry = plan.files[chunk_id]
+        assert entry is table.chunk_files.file_of(chunk_id)
+        assert entry.key_min[0] <= chunk_id <= entry.key_max[0]
 
 
 def test_search_columns_and_limit(table: ObjectTable) -> None:
@@ -118,7 +121,7 @@ def test_two_catalogs_need_a_name(tmp_path: Path) -> None:
 def test_child_rows_follow_their_object(partitioned: Partitioned, table: ObjectTable) -> None:
     from catalog.model import FileKind
     from eventindex.errors import ValidationError
-    from eventindex.spatial.partition import PartitionedWriter, partition_children
+    from eventindex.spatial.partition import PartitionedWriter, parse_part, partition_children
     from tests.spatial.partition_data import GRID, OPTIONS, read_kind
 
     parents = partitioned.table["object_id"].to_numpy()[:500]
@@ -143,13 +146,14 @@ def test_child_rows_follow_their_object(partitioned: Partitioned, table: ObjectT
     assert summary.rows == 1000
     files = read_kind(partitioned.catalog, "sky.Source", FileKind.CHUNK)
     for part, piece in files.items():
+        first, last = parse_part(part)
         for oid, chunk_id, sub in zip(
             piece["object_id"].to_pylist(),
             piece["chunk_id"].to_pylist(),
             piece["sub_chunk_id"].to_pylist(),
             strict=True,
         ):
-            assert table.locate(oid) == (chunk_id, sub) and chunk_id == int(part)
+            assert table.locate(oid) == (chunk_id, sub) and first <= chunk_id <= last
     assert sorted(pa.concat_tables(files.values())["source_id"].to_pylist()) == list(range(1000))
     orphan = children.set_column(1, "object_id", pa.array(np.full(1000, 1, dtype=np.int64)))
     other = PartitionedWriter(
@@ -158,3 +162,15 @@ def test_child_rows_follow_their_object(partitioned: Partitioned, table: ObjectT
     )  # fmt: skip
     with pytest.raises(ValidationError, match="object_id 1 of a child row is not in the director"):
         partition_children([orphan], other, table.locate_many)
+
+
+def test_tables_of_another_file_layout_are_refused(partitioned: Partitioned) -> None:
+    from catalog.model import Dataset
+    from eventindex.errors import ValidationError
+    from tests.spatial.partition_data import GRID
+
+    partitioned.catalog.create_dataset(
+        Dataset(name="sky.Old", collection="sky", format="chunked", attributes=GRID.parameters())
+    )
+    with pytest.raises(ValidationError, match=r"one file per chunk.*partition it again"):
+        ObjectCatalogs(partitioned.catalog).table("sky.Old")

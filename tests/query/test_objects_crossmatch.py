@@ -135,3 +135,32 @@ def test_bad_matches_are_refused(
     )
     with pytest.raises(ValidationError, match="partitioned differently"):
         crossmatch(lt, ObjectCatalogs(other).table("odd"), MatchSpec(1.0))
+
+
+@pytest.mark.parametrize("chunks_per_file", [1, 5])
+def test_files_cut_into_other_runs_of_chunks_still_match(
+    tables: tuple[pa.Table, pa.Table, ObjectTable, ObjectTable],
+    tmp_path: Path,
+    chunks_per_file: int,
+) -> None:
+    """A right table whose files hold other runs of chunks than the left's: each task
+    reads every right file sharing a chunk with it, and pairs stay exact, once each."""
+    from catalog.sqlite import SQLiteCatalog
+
+    left, right, lt, _ = tables
+    other = SQLiteCatalog(str(tmp_path / "o.sqlite"))
+    writer = PartitionedWriter(
+        other, str(tmp_path / "s"), "cut", "Object", GRID, OPTIONS, chunks_per_file=chunks_per_file
+    )
+    partition_local([right], writer)
+    rt = ObjectCatalogs(other).table("cut")
+    assert len(rt.chunk_files) > len(lt.chunk_files)
+    found = crossmatch(lt, rt, MatchSpec(600.0, MatchMode.ALL))
+    pairs = list(zip(found["left_id"].to_pylist(), found["right_id"].to_pylist(), strict=True))
+    assert len(pairs) == len(set(pairs))
+    assert set(pairs) == brute(left, right, 600.0, False)
+    back = crossmatch(rt, lt, MatchSpec(600.0, MatchMode.ALL))
+    assert set(zip(back["right_id"].to_pylist(), back["left_id"].to_pylist(), strict=True)) == set(
+        pairs
+    )
+    other.close()
