@@ -17,7 +17,8 @@ that names a few of them (a Spark job on Spark, NumPy here with ``--local``).
 Transform (executors): read one master's keys and the input rows of its key
 range, align them (``eventindex.storage.merge.align_extension``), write the
 file. Each task reads only the input's rows in its master's key range, a
-range read when the input is sorted by key (Parquet statistics prune the rest). Main: every output registered as ``writing`` first, and all of them
+range read when the input is sorted by key (Parquet statistics prune the
+rest). Main: every output registered as ``writing`` first, and all of them
 committed in ONE catalog step at the end (each superseding the part's previous
 file of its master), so the dataset gains the columns everywhere at once.
 """
