@@ -2,14 +2,19 @@
 answering the same picks on the same files in the same run.
 
 With no flags the store of ``benchmarks.common.ensure_event_store()`` is built
-(or reused: it is resumable and idempotent); ``--catalog``/``--store`` point at
-another store instead and never build. Keys are random existing events, drawn
-from random row groups of random RAW files (RAW holds every event).
+(or reused: it is resumable and idempotent), and so are the locations files of
+its master files (``eventindex spark locations``, run in this process; files
+that have one are skipped); ``--catalog``/``--store`` point at another store
+instead and never build. Keys are random existing events, drawn from random
+row groups of random RAW files (RAW holds every event).
 
 * ``pick_p50_ms``/``pick_p99_ms``: ``Reader.pick`` in-process, warm: a first
   pass over the same keys opened the files and warmed the key index and the
-  page cache (no decoded payload is cached anywhere, so every pick decodes its
-  row groups). ``pick_cold_*`` is that first pass.
+  page cache (no answer is cached anywhere: every pick searches and gathers in
+  the locations files, or decodes row groups of files that have none).
+  ``pick_cold_*`` is that first pass. ``mapfile_p50_ms`` is the same picks
+  answered from the map-files alone (``Reader(use_locations=False)``, warm the
+  same way), and ``ratio_mapfile_to_pick`` its p50 over ours.
 * ``http_p50_ms``/``http_p99_ms``: ``GET /v1/events/{run}/{event}`` from one
   keep-alive client to a real ``eventindex serve`` subprocess (uvicorn, one
   worker, loopback), warm the same way.
@@ -46,12 +51,15 @@ import pyarrow.parquet as pq
 
 from benchmarks.common import emit, ensure_event_store, percentiles_ms
 from benchmarks.loadgen import run_load
+from catalog.base import Catalog
 from catalog.model import FileKind, TagFile
 from catalog.sqlite import SQLiteCatalog
 from eventindex.config import SparkSettings, WebServiceSettings
 from eventindex.query import Reader
 from eventindex.records.schema import EVENT_KEY
 from eventindex.storage import resolve
+from eventindex.storage.locations import LOCATIONS_PART
+from spark_jobs.locations import plan_locations, run_locations
 
 Key = tuple[int, int]
 TARGETS = {
@@ -226,6 +234,21 @@ def measure_http(url: str, server_pid: int, collection: str, keys: Sequence[Key]
 # -- baselines -----------------------------------------------------------------------
 
 
+def measure_mapfiles(
+    catalog: Catalog, collection: str, keys: Sequence[Key], key_cache_bytes: int
+) -> dict[str, Any]:
+    """The same picks from the map-files alone (row groups decoded), warm the same way."""
+    with Reader(catalog, key_cache_bytes=key_cache_bytes, use_locations=False) as reader:
+
+        def pick(key: Key) -> None:
+            if reader.pick(collection, *key) is None:
+                raise RuntimeError(f"event {key} not found in the map-files")
+
+        _timed(pick, keys)
+        warm = _timed(pick, keys)
+    return {**_figures("mapfile", warm), "mapfile_picks": len(keys)}
+
+
 def _candidate_files(snapshot_files: Sequence[TagFile], key: Key) -> list[str]:
     return sorted(
         _local_path(f.uri) for f in snapshot_files if tuple(f.key_min) <= key <= tuple(f.key_max)
@@ -320,6 +343,12 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--load-rate", type=float, default=LOAD_TARGET_RATE, help="picks/s")
     parser.add_argument("--load-connections", type=int, default=32)
     parser.add_argument("--load-workers", type=int, default=2, help="uvicorn workers under load")
+    parser.add_argument(
+        "--mapfile-picks", type=int, default=200, help="picks from map-files alone (0: none)"
+    )
+    parser.add_argument(
+        "--no-locations", action="store_true", help="neither build nor read locations files"
+    )
     parser.add_argument("--seed", type=int, default=20150603)
     args = parser.parse_args(argv)
 
@@ -331,18 +360,32 @@ def run(argv: list[str]) -> dict[str, Any]:
         started = time.perf_counter()
         store_root, catalog_path = ensure_event_store(args.events, args.runs)
         build_s = time.perf_counter() - started
+    result: dict[str, Any] = {}
+    if not args.catalog and not args.no_locations:
+        with SQLiteCatalog(catalog_path) as catalog:
+            tasks, skipped = plan_locations(catalog, store_root)
+            built = run_locations(catalog, tasks)
+            built.skipped = skipped
+        result["locations_build"] = built.to_dict()
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(args.seed)
-    result: dict[str, Any] = {}
     key_cache_bytes = WebServiceSettings().reader_key_cache_bytes  # as the service has it
     with (
         SQLiteCatalog(catalog_path) as catalog,
-        Reader(catalog, key_cache_bytes=key_cache_bytes) as reader,
+        Reader(
+            catalog, key_cache_bytes=key_cache_bytes, use_locations=not args.no_locations
+        ) as reader,
     ):
         collection = reader.default_collection()
         files = catalog.list_tagfiles(collection=collection, kinds=[FileKind.MASTER])
         formats = {d.name: d.format for d in catalog.list_datasets(collection)}
         result["store"] = {"collection": collection, **store_figures(files, formats)}
+        result["locations_cover_store"] = reader.located(collection)
+        result["locations_bytes"] = sum(
+            e.bytes
+            for e in catalog.list_tagfiles(collection=collection, kinds=[FileKind.INDEX])
+            if e.part == LOCATIONS_PART
+        )
         if not args.catalog:
             result["store"]["ensure_s"] = round(build_s, 1)
         raw = [f for f in files if formats.get(f.dataset) == "RAW"]
@@ -376,6 +419,11 @@ def run(argv: list[str]) -> dict[str, Any]:
         result["batch_found"] = sum(1 for event in found if event is not None)
 
         ours = np.asarray(warm) * 1000.0
+        if args.mapfile_picks and not args.no_locations:
+            subset = picks[: args.mapfile_picks]
+            result.update(measure_mapfiles(catalog, collection, subset, key_cache_bytes))
+            p50 = float(np.percentile(ours[: len(subset)], 50))
+            result["ratio_mapfile_to_pick"] = round(result["mapfile_p50_ms"] / p50, 1)
         if not args.no_duckdb:
             subset = picks[: args.duckdb_picks]
             result.update(measure_duckdb(files, subset))

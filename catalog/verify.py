@@ -27,6 +27,7 @@ from catalog.fileset import absolute_uri
 from catalog.model import FileKind, FileState, TagFile
 from eventindex.errors import StorageError
 from eventindex.storage import MapFileReader, file_checksum, file_size, resolve
+from eventindex.storage.locations import LOCATIONS_PART, LocationIndex
 
 STALE_WRITING_SECONDS = 3600.0
 
@@ -107,8 +108,12 @@ def _check_file(
     try:
         if checksums and entry.checksum and file_checksum(entry.uri) != entry.checksum:
             problem("checksum_mismatch", f"file content does not match checksum {entry.checksum}")
-        with MapFileReader(entry.uri) as reader:
-            rows, key_min, key_max = reader.num_rows, reader.key_min, reader.key_max
+        if entry.kind is FileKind.INDEX and entry.part == LOCATIONS_PART:
+            with LocationIndex(entry.uri) as located:  # not Parquet: a locations file
+                rows, key_min, key_max = located.rows, located.key_min, located.key_max
+        else:
+            with MapFileReader(entry.uri) as reader:
+                rows, key_min, key_max = reader.num_rows, reader.key_min, reader.key_max
     # A damaged footer can fail in many ways below the storage layer; each is "unreadable".
     except (StorageError, OSError, ValueError, TypeError, KeyError, pa.ArrowException) as exc:
         problem("unreadable", f"{type(exc).__name__}: {exc}")

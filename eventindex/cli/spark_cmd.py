@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
     from eventindex.config import Settings
+    from eventindex.storage import WriteOptions
 
 app = typer.Typer(help="Run the Spark jobs, one command per job.", no_args_is_help=True)
 
@@ -94,6 +95,42 @@ def index(
         ):
             task = bar.add_task("indexing files", total=len(tasks))
             summary = run_index(
+                catalog, tasks, spark=spark, progress=lambda _result: bar.advance(task)
+            )
+        summary.skipped = skipped
+        print_summary(summary.to_dict(), output)
+
+
+@app.command("locations")
+def locations(
+    ctx: typer.Context,
+    dataset: Annotated[
+        str, typer.Option("--dataset", "-d", help="Dataset name or glob pattern.")
+    ] = "*",
+    collection: CollectionOption = None,
+    rebuild: Annotated[
+        bool, typer.Option(help="Describe files that have a locations file already (replacing it).")
+    ] = False,
+    local: LocalOption = False,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Write the locations file (keys, attributes and references as memory-mapped arrays)
+    of every master file of the matching event datasets, so picks and batch lookups read
+    no Parquet, and register it in the catalog. Files added later answer through their
+    map-files until this runs again."""
+    from spark_jobs.locations import plan_locations, run_locations
+
+    settings = state(ctx).settings
+    with catalog_of(settings) as catalog:
+        tasks, skipped = plan_locations(
+            catalog, settings.store.root, dataset, collection=collection, rebuild=rebuild
+        )
+        with (
+            spark_of(settings, local or not tasks) as spark,
+            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
+        ):
+            task = bar.add_task("describing files", total=len(tasks))
+            summary = run_locations(
                 catalog, tasks, spark=spark, progress=lambda _result: bar.advance(task)
             )
         summary.skipped = skipped
@@ -171,4 +208,176 @@ def crossmatch(
     )
     with catalog_of(settings) as catalog, spark_of(settings, local) as spark:
         summary = run_crossmatch(catalog, left, right, spec, output_dir, spark=spark)
+    print_summary(summary.to_dict(), output)
+
+
+def write_options(settings: Settings) -> WriteOptions:
+    """Map-file layout from the ``[mapfile]`` settings."""
+    from eventindex.storage import WriteOptions
+
+    return WriteOptions(
+        row_group_rows=settings.mapfile.row_group_rows,
+        compression=settings.mapfile.compression,
+        compression_level=settings.mapfile.compression_level,
+    )
+
+
+@app.command("compact")
+def compact(
+    ctx: typer.Context,
+    dataset: DatasetOption,
+    collection: CollectionOption = None,
+    runs: Annotated[
+        str | None,
+        typer.Option(help="Only files whose runs lie inside FIRST-LAST (finished runs)."),
+    ] = None,
+    index: Annotated[
+        bool, typer.Option(help="Build the trigger index of new files whose inputs had one.")
+    ] = True,
+    local: LocalOption = False,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Merge the small TagFiles of the matching datasets into large sorted map-files
+    ([compaction] settings), retiring the inputs in the same catalog step."""
+    from eventindex.errors import ValidationError
+    from spark_jobs.compact import plan_compaction, run_compaction
+
+    settings = state(ctx).settings
+    run_range = None
+    if runs is not None:
+        first, _, last = runs.partition("-")
+        try:
+            run_range = (int(first), int(last or first))
+        except ValueError:
+            raise ValidationError(
+                f"--runs {runs!r}: expected FIRST-LAST, e.g. 284484-284500"
+            ) from None
+    with catalog_of(settings) as catalog:
+        tasks = plan_compaction(
+            catalog,
+            settings.store.root,
+            dataset,
+            settings.compaction,
+            write_options(settings),
+            collection=collection,
+            run_range=run_range,
+        )
+        with (
+            spark_of(settings, local or not tasks) as spark,
+            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
+        ):
+            task = bar.add_task("compacting groups", total=len(tasks))
+            summary = run_compaction(
+                catalog, tasks, spark=spark, index=index, progress=lambda _r: bar.advance(task)
+            )
+    print_summary(summary.to_dict(), output)
+
+
+@app.command("convert")
+def convert(
+    ctx: typer.Context,
+    inputs: Annotated[
+        list[str], typer.Argument(help="CSV or JSON-lines record files, or folders of them.")
+    ],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to fill.")],
+    collection: Annotated[
+        str | None,
+        typer.Option(help="Create the dataset (and event collection) if missing, in this one."),
+    ] = None,
+    data_format: Annotated[
+        str, typer.Option("--data-format", help="Data format of a new dataset (AOD, RAW...).")
+    ] = "",
+    local: LocalOption = False,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Convert record files (the layouts `produce extract` reads) into sorted map-files
+    of a dataset; files converted before are skipped (their content checksum is known)."""
+    from catalog.model import Dataset
+    from eventindex.creator import ensure_collection, ensure_dataset
+    from eventindex.records.schema import RecordKind
+    from producers.readers import read_events
+    from spark_jobs.convert import plan_conversion, run_conversion
+
+    settings = state(ctx).settings
+    with catalog_of(settings) as catalog:
+        if collection is not None:
+            ensure_collection(catalog, collection, RecordKind.EVENTS)
+            ensure_dataset(catalog, Dataset(dataset, collection, format=data_format))
+        tasks, skipped = plan_conversion(
+            catalog,
+            settings.store.root,
+            inputs,
+            dataset,
+            read_events,
+            write_options(settings),
+            target_bytes=settings.compaction.target_bytes,
+        )
+        with (
+            spark_of(settings, local or not tasks) as spark,
+            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
+        ):
+            task = bar.add_task("converting files", total=len(tasks))
+            summary = run_conversion(
+                catalog, tasks, spark=spark, progress=lambda _r: bar.advance(task)
+            )
+        summary.skipped_already_converted = skipped
+    print_summary(summary.to_dict(), output)
+
+
+@app.command("export")
+def export(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to export.")],
+    output_dir: Annotated[str, typer.Option("--output-dir", help="New folder for the files.")],
+    local: LocalOption = False,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Write a dataset as plain Parquet partitioned by run (run_number=N/), for tools
+    that read folders."""
+    from spark_jobs.convert import export_dataset
+
+    settings = state(ctx).settings
+    with catalog_of(settings) as catalog, spark_of(settings, local) as spark:
+        summary = export_dataset(catalog, dataset, output_dir, spark=spark)
+    print_summary(summary, output)
+
+
+@app.command("extend")
+def extend(
+    ctx: typer.Context,
+    source: Annotated[
+        str, typer.Argument(help="Parquet file or folder, or CSV file, keyed like the records.")
+    ],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset to extend.")],
+    name: Annotated[
+        str, typer.Option("--name", "-n", help="Extension (part) name; again to replace it.")
+    ],
+    columns: Annotated[
+        list[str] | None, typer.Option("--column", "-c", help="Columns to add (default: all).")
+    ] = None,
+    source_format: Annotated[
+        str | None, typer.Option("--format", help="parquet or csv (default: from the name).")
+    ] = None,
+    local: LocalOption = False,
+    output: OutputFormat = OutputOption,
+) -> None:
+    """Add columns computed elsewhere to a dataset as a vertical part: one extension file
+    per master file, all registered in one catalog step; picks then return them."""
+    from spark_jobs.extend import open_source, plan_extension, run_extension
+
+    settings = state(ctx).settings
+    with catalog_of(settings) as catalog:
+        key = catalog.get_collection(catalog.get_dataset(dataset).collection).key
+        opened = open_source(source, key, fmt=source_format, columns=columns)
+        tasks = plan_extension(
+            catalog, settings.store.root, dataset, name, opened, write_options(settings)
+        )
+        with (
+            spark_of(settings, local) as spark,
+            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
+        ):
+            task = bar.add_task("extending files", total=len(tasks))
+            summary = run_extension(
+                catalog, tasks, spark=spark, progress=lambda _r: bar.advance(task)
+            )
     print_summary(summary.to_dict(), output)

@@ -13,31 +13,46 @@ the event, the copies in its upstream datasets are already known from its
 references, and those upstream files are not read; an upstream dataset is read
 only if no record that was read accounts for its copy. Files are immutable, so
 open readers are cached by file id for as long as the catalog lists them.
+
+A master file with a locations file (``eventindex.storage.locations``, built by
+``eventindex spark locations``) is answered from it: a bisect and a gather in
+memory-mapped arrays, with no Parquet decoded. Files without one (new TagFiles
+from the consumers, until the job runs again) answer through their map-file.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fnmatch
+import gc
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.base import Catalog
 from catalog.model import Collection, Dataset, FileKind, TagFile
 from eventindex.errors import EventIndexError, NotFoundError
-from eventindex.query.open_files import OpenFiles
+from eventindex.query.extensions import Extensions
+from eventindex.query.open_files import OpenFiles, OpenLocations
 from eventindex.records.schema import EVENT_KEY, EVENT_SCHEMA, RecordKind
 from eventindex.storage import DEFAULT_KEY_CACHE, QUERY_INDEX, MapFileReader
 from eventindex.storage.keys import EncodedKeys, encode_key_columns, encode_query_keys
+from eventindex.storage.locations import (
+    LOCATIONS_PART,
+    MASTER_ATTRIBUTE,
+    LocationIndex,
+    Reference,
+)
 from eventindex.storage.mapfile import key_dtypes
 
 logger = logging.getLogger(__name__)
@@ -56,10 +71,16 @@ PICK_COLUMNS = (
     "references",
 )
 REFERENCES = ("references",)
+# What a locations file holds besides the key and the references: the attributes a pick returns.
+LOCATION_ATTRIBUTES = tuple(c for c in PICK_COLUMNS if c not in EVENT_KEY and c != "references")
 RUN_NUMBER_MAX = 2**32 - 1
 EVENT_NUMBER_MAX = 2**64 - 1
 # Threads decoding the files of a pick side by side (a pick reads two or three).
 READ_THREADS = 8
+# A file list is refreshed at most once per this many times what listing it took, so a
+# catalog that is slow to list (hundreds of thousands of GUIDs) costs at most ~1% of a core
+# and seldom stalls the picks of its process (listing holds the GIL most of the time).
+REFRESH_COST_FACTOR = 100.0
 
 Key = tuple[int, ...]
 EventKey = tuple[int, int]
@@ -174,6 +195,11 @@ class _Snapshot:
     loaded_at: float
     files: list[TagFile]
     datasets: dict[str, Dataset]
+    # Master file id -> the entry of its locations file, for the masters that have one.
+    sidecars: dict[str, TagFile] = field(default_factory=dict)
+    # Whether every file has a locations file that opens (None: not looked yet).
+    located: bool | None = None
+    load_seconds: float = 0.0  # how long listing the catalog took
     starts: list[Key] = field(init=False)
     ends: list[Key] = field(init=False)
     reach: list[Key] = field(init=False)
@@ -182,6 +208,7 @@ class _Snapshot:
     # Memos of what follows from the dataset graph, filled on first use.
     owners: dict[tuple[str, str], Dataset | None] = field(default_factory=dict)
     attributions: dict[tuple[str, str], _Attribution] = field(default_factory=dict)
+    by_format: dict[str, dict[str, _Attribution]] = field(default_factory=dict)
     implied: dict[str, frozenset[str]] = field(default_factory=dict)
     plans: dict[tuple[str, ...], frozenset[str]] = field(default_factory=dict)
 
@@ -199,6 +226,10 @@ class _Snapshot:
     def file_ids(self) -> set[str]:
         return {f.file_id for f in self.files}
 
+    @property
+    def sidecar_ids(self) -> set[str]:
+        return {e.file_id for e in self.sidecars.values()}
+
     def candidates(self, key: Key) -> list[TagFile]:
         """Files whose key range holds ``key``."""
         low = bisect.bisect_left(self.reach, key)
@@ -211,8 +242,32 @@ class _Record:
     """What one dataset's file says about one event."""
 
     entry: TagFile
-    references: list[dict[str, Any]]
+    references: list[Reference]
     attributes: dict[str, Any] | None
+
+
+def _sidecars(files: Sequence[TagFile], indexes: Sequence[TagFile]) -> dict[str, TagFile]:
+    """The newest committed locations file of each master that describes it exactly."""
+    masters = {f.file_id: f for f in files}
+    found: dict[str, TagFile] = {}
+    for entry in indexes:
+        master = masters.get(entry.attributes.get(MASTER_ATTRIBUTE, ""))
+        if (
+            entry.part != LOCATIONS_PART
+            or master is None
+            or entry.rows != master.rows
+            or (tuple(entry.key_min), tuple(entry.key_max))
+            != (tuple(master.key_min), tuple(master.key_max))
+        ):
+            continue
+        known = found.get(master.file_id)
+        if known is None or (entry.committed_at or 0.0) > (known.committed_at or 0.0):
+            found[master.file_id] = entry
+    return found
+
+
+def _as_references(values: Sequence[dict[str, Any]]) -> list[Reference]:
+    return [(v["format"], v["guid"], v["position"]) for v in values]
 
 
 class Reader:
@@ -224,7 +279,9 @@ class Reader:
     warm server needs room for the row groups its picks touch (12 bytes an event row).
     The file list of a collection is refreshed from the catalog when it is older
     than ``refresh_seconds`` (``refresh()`` forces it), so data committed later
-    becomes visible without a restart; readers of files that were retired are
+    becomes visible without a restart: on a background thread while the old list
+    keeps answering (at most once per 100 times what the listing took), or before
+    answering when ``refresh_seconds`` is 0. Readers of files that were retired are
     closed ``retired_grace_seconds`` later, so a query still using them can finish.
     """
 
@@ -237,6 +294,7 @@ class Reader:
         max_open_files: int = 1024,
         refresh_seconds: float = 1.0,
         key_cache_bytes: int | None = None,
+        use_locations: bool = True,
     ) -> None:
         if key_cache_bytes is not None:
             # The key cache is process-wide: the budget of the last Reader made wins.
@@ -245,6 +303,12 @@ class Reader:
         self.max_open_files = max_open_files
         self.refresh_seconds = refresh_seconds
         self._files = OpenFiles(max_open_files)
+        # Extension columns (vertical parts) that picks and lookups add to each event.
+        self.extensions = Extensions(catalog, refresh_seconds=refresh_seconds, files=self._files)
+        self._sidecar_files = OpenLocations(max_open_files)
+        # Whether locations files answer for their masters (False: map-files only).
+        self.use_locations = use_locations
+        self._broken: set[str] = set()  # locations files that failed to open
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._snapshots: dict[str, _Snapshot] = {}
@@ -252,7 +316,15 @@ class Reader:
         self._collections_at = float("-inf")
         self._foreign: dict[str, Dataset | None] = {}
         self._counts = dict.fromkeys(
-            ("catalog_refreshes", "picks_served", "lookups_served", "events_looked_up"), 0
+            (
+                "catalog_refreshes",
+                "picks_served",
+                "lookups_served",
+                "events_looked_up",
+                "locations_reads",
+                "mapfile_reads",
+            ),
+            0,
         )
 
     # -- the file index ------------------------------------------------------
@@ -291,7 +363,7 @@ class Reader:
 
     def _snapshot(self, collection: str) -> _Snapshot:
         snapshot = self._snapshots.get(collection)
-        if snapshot is not None and time.monotonic() - snapshot.loaded_at < self.refresh_seconds:
+        if snapshot is not None and time.monotonic() - snapshot.loaded_at < self._period(snapshot):
             return snapshot
         if snapshot is None:
             self._collection(collection)
@@ -303,12 +375,30 @@ class Reader:
         # Stale: one thread reloads, the others keep answering from the old list meanwhile.
         if not self._refresh_lock.acquire(blocking=False):
             return snapshot
+        if self.refresh_seconds > 0:
+            # Off the caller's path: listing a large catalog takes longer than a pick.
+            threading.Thread(
+                target=self._reload, args=(snapshot,), name="reader-refresh", daemon=True
+            ).start()
+            return snapshot
+        return self._reload(snapshot)
+
+    def _period(self, snapshot: _Snapshot) -> float:
+        """How long a file list is used before it is listed again (0: never reused)."""
+        if self.refresh_seconds <= 0:
+            return 0.0
+        return max(self.refresh_seconds, REFRESH_COST_FACTOR * snapshot.load_seconds)
+
+    def _reload(self, snapshot: _Snapshot) -> _Snapshot:
+        """Replace a stale file list (the caller acquired ``_refresh_lock``; this releases it)."""
         try:
-            return self._load(collection)
+            return self._load(snapshot.collection)
         except EventIndexError as exc:
             # A catalog outage should not fail picks the old list can answer: keep it,
             # and try again one refresh period later rather than on every pick.
-            logger.warning("keeping the file list of %s: refresh failed: %s", collection, exc)
+            logger.warning(
+                "keeping the file list of %s: refresh failed: %s", snapshot.collection, exc
+            )
             snapshot.loaded_at = time.monotonic()
             return snapshot
         finally:
@@ -316,27 +406,37 @@ class Reader:
 
     def _load(self, collection: str) -> _Snapshot:
         """List the collection's files and datasets (caller holds ``_refresh_lock``)."""
+        started = time.perf_counter()
         files = self.catalog.list_tagfiles(collection=collection, kinds=[FileKind.MASTER])
+        indexes = self.catalog.list_tagfiles(collection=collection, kinds=[FileKind.INDEX])
         datasets = {d.name: d for d in self.catalog.list_datasets(collection)}
-        snapshot = _Snapshot(collection, time.monotonic(), files, datasets)
+        snapshot = _Snapshot(
+            collection, time.monotonic(), files, datasets, _sidecars(files, indexes)
+        )
+        snapshot.load_seconds = time.perf_counter() - started
         previous = self._snapshots.get(collection)
         self._snapshots[collection] = snapshot
         self._foreign = {}
         self._count("catalog_refreshes")
         if previous is not None:
             self._files.drop(previous.file_ids - snapshot.file_ids)
+            self._sidecar_files.drop(previous.sidecar_ids - snapshot.sidecar_ids)
         self._files.close_retired()
+        self._sidecar_files.close_retired()
         return snapshot
 
     def refresh(self) -> None:
         """Re-read the catalog now: collections, and the files of every collection in use."""
+        self.extensions.refresh()
         with self._refresh_lock:
             self._load_collections()
             for name in list(self._snapshots):
                 if name in self._collections:
                     self._load(name)
                 else:
-                    self._files.drop(self._snapshots.pop(name).file_ids)
+                    gone = self._snapshots.pop(name)
+                    self._files.drop(gone.file_ids)
+                    self._sidecar_files.drop(gone.sidecar_ids)
 
     @property
     def retired_grace_seconds(self) -> float:
@@ -346,9 +446,50 @@ class Reader:
     @retired_grace_seconds.setter
     def retired_grace_seconds(self, seconds: float) -> None:
         self._files.grace_seconds = seconds
+        self._sidecar_files.grace_seconds = seconds
 
     def _reader(self, entry: TagFile) -> MapFileReader:
         return self._files.reader(entry)
+
+    def _sidecar(self, snapshot: _Snapshot, entry: TagFile) -> LocationIndex | None:
+        """The open locations file of a master file, or ``None`` (then its map-file answers).
+
+        One that cannot be opened is logged once and left alone: its master still answers.
+        """
+        if not self.use_locations:
+            return None
+        sidecar = snapshot.sidecars.get(entry.file_id)
+        if sidecar is None or sidecar.file_id in self._broken:
+            return None
+        try:
+            return self._sidecar_files.reader(sidecar)
+        except EventIndexError as exc:
+            logger.warning("locations file of %s not used: %s", entry.file_id, exc)
+            with self._lock:
+                self._broken.add(sidecar.file_id)
+            return None
+
+    def located(self, collection: str) -> bool:
+        """Whether locations files answer for every file of the collection, so a pick
+        decodes no Parquet (the web service then answers it on the event loop)."""
+        snapshot = self._snapshot(collection)
+        if snapshot.located is None:
+            # Once per file list: open them all (a damaged one then counts as missing).
+            snapshot.located = self.use_locations and all(
+                self._sidecar(snapshot, entry) is not None for entry in snapshot.files
+            )
+        return (
+            self.use_locations
+            and snapshot.located
+            and not (self._broken and self._broken & snapshot.sidecar_ids)
+        )
+
+    def _holds(self, snapshot: _Snapshot, entry: TagFile, key: EventKey) -> bool:
+        """Whether a file holds the key, from its key index alone (no payload is read)."""
+        index = self._sidecar(snapshot, entry)
+        if index is not None:
+            return index.find(*key) >= 0
+        return self._reader(entry).get(key, EVENT_KEY) is not None
 
     # -- the dataset graph ---------------------------------------------------
     def _dataset(self, snapshot: _Snapshot, name: str) -> Dataset | None:
@@ -434,37 +575,56 @@ class Reader:
         locations: dict[tuple[str, str, int], _Attribution] = {}
         for record in records:
             name = record.entry.dataset
-            for reference in record.references:
-                fmt = reference["format"]
-                attribution = self._attribution(snapshot, name, fmt)
-                slot = (fmt, reference["guid"], reference["position"])
+            by_format = snapshot.by_format.get(name)
+            if by_format is None:
+                by_format = snapshot.by_format[name] = {}
+            for slot in record.references:
+                attribution = by_format.get(slot[0])
+                if attribution is None:
+                    attribution = by_format[slot[0]] = self._attribution(snapshot, name, slot[0])
                 # A dataset's own copy wins; an attributed copy beats an unattributed one.
                 known = locations.get(slot)
                 if known is None or attribution[2] == 2 or (attribution[2] > known[2] == 0):
                     locations[slot] = attribution
         return locations
 
-    def _record(self, entry: TagFile, key: EventKey, attributes: bool) -> _Record | None:
+    def _record(
+        self, snapshot: _Snapshot, entry: TagFile, key: EventKey, attributes: bool
+    ) -> _Record | None:
         """One file's record of the event, with the event attributes or only its references."""
-        row = self._reader(entry).get(key, PICK_COLUMNS if attributes else REFERENCES)
-        if row is None:
+        index = self._sidecar(snapshot, entry)
+        if index is not None:
+            self._count("locations_reads")
+            row = index.find(*key)
+            if row < 0:
+                return None
+            return _Record(
+                entry, index.references(row), index.attributes(row) if attributes else None
+            )
+        self._count("mapfile_reads")
+        found = self._reader(entry).get(key, PICK_COLUMNS if attributes else REFERENCES)
+        if found is None:
             return None
-        references = row.pop("references")
-        kept = {k: v for k, v in row.items() if k not in EVENT_KEY} if attributes else None
+        references = _as_references(found.pop("references"))
+        kept = {k: v for k, v in found.items() if k not in EVENT_KEY} if attributes else None
         return _Record(entry, references, kept)
 
-    def _records(self, entries: Sequence[TagFile], key: EventKey) -> list[_Record]:
+    def _records(
+        self, snapshot: _Snapshot, entries: Sequence[TagFile], key: EventKey
+    ) -> list[_Record]:
         """The records of ``entries`` for one key, the first with the event attributes.
 
-        Several files are decoded on pool threads at once (Arrow decodes without the
-        GIL), so a pick waits for its slowest file rather than for the sum of them.
+        Map-files are decoded on pool threads at once (Arrow decodes without the GIL),
+        so a pick waits for its slowest file rather than for the sum of them; when
+        locations files answer for all but one, there is nothing worth a thread.
         """
-        if len(entries) > 1 and self.parallel_reads:
+        decoded = sum(1 for e in entries if self._sidecar(snapshot, e) is None)
+        if len(entries) > 1 and decoded > 1 and self.parallel_reads:
             pool = _read_pool()
-            futures = [pool.submit(self._record, e, key, False) for e in entries[1:]]
-            found = [self._record(entries[0], key, True), *(f.result() for f in futures)]
+            futures = [pool.submit(self._record, snapshot, e, key, False) for e in entries[1:]]
+            found = [self._record(snapshot, entries[0], key, True), *(f.result() for f in futures)]
         else:
-            found = [self._record(e, key, i == 0) for i, e in enumerate(entries)]
+            found = [self._record(snapshot, e, key, i == 0) for i, e in enumerate(entries)]
         return [r for r in found if r is not None]
 
     def _finish(
@@ -483,7 +643,7 @@ class Reader:
         attributed = {dataset for dataset, _, _ in locations.values()}
         skipped = [e for e in holders if e.dataset not in read and e.dataset not in attributed]
         for entry in skipped:
-            record = self._record(entry, key, attributes=not records)
+            record = self._record(snapshot, entry, key, attributes=not records)
             if record is not None:
                 records.append(record)
         if skipped:
@@ -492,16 +652,22 @@ class Reader:
             return None
         attributes = next((r.attributes for r in records if r.attributes is not None), None)
         if attributes is None:
-            record = self._record(records[0].entry, key, attributes=True)
+            record = self._record(snapshot, records[0].entry, key, attributes=True)
             attributes = record.attributes if record and record.attributes else {}
-        chosen = [
-            EventLocation(dataset, fmt, tag, guid, position)
+        # Sorted as tuples (format, dataset, guid, position): no key function per item.
+        chosen = sorted(
+            (fmt, dataset, guid, position, tag)
             for (fmt, guid, position), (dataset, tag, _) in locations.items()
             if (formats is None or fmt in formats)
             and (dataset_pattern is None or fnmatch.fnmatchcase(dataset, dataset_pattern))
-        ]
-        chosen.sort(key=lambda loc: (loc.format, loc.dataset, loc.guid, loc.position))
-        return PickedEvent(snapshot.collection, key[0], key[1], attributes, chosen)
+        )
+        return PickedEvent(
+            snapshot.collection,
+            key[0],
+            key[1],
+            attributes,
+            [EventLocation(d, f, t, g, p) for f, d, g, p, t in chosen],
+        )
 
     def pick(
         self,
@@ -539,7 +705,7 @@ class Reader:
             if entry.dataset in covered:
                 unchecked.append(entry)
             # The key index alone says whether a file holds the key: no payload is read.
-            elif self._reader(entry).get(key, EVENT_KEY) is not None:
+            elif self._holds(snapshot, entry, key):
                 holders.append(entry)
                 covered |= self._implied(snapshot, entry.dataset)
         if not holders:
@@ -547,8 +713,9 @@ class Reader:
         holders.extend(unchecked)
         holders.sort(key=lambda e: (e.dataset, _key_of(e.key_min), e.file_id))
         read = self._plan(snapshot, tuple(sorted({e.dataset for e in holders})))
-        records = self._records([e for e in holders if e.dataset in read], key)
-        return self._finish(snapshot, key, holders, read, records, wanted_formats, dataset_pattern)
+        records = self._records(snapshot, [e for e in holders if e.dataset in read], key)
+        event = self._finish(snapshot, key, holders, read, records, wanted_formats, dataset_pattern)
+        return self.extensions.extend(collection, [event], dataset_pattern=dataset_pattern)[0]
 
     # -- many events -----------------------------------------------------------
     def lookup(
@@ -565,6 +732,16 @@ class Reader:
         a row group is decoded at most once however many of the keys it holds.
         """
         checked = [check_event_key(*key, where=f"keys[{i}]: ") for i, key in enumerate(keys)]
+        with _collection_paused():
+            return self._lookup(collection, checked, formats, dataset_pattern)
+
+    def _lookup(
+        self,
+        collection: str,
+        checked: list[EventKey],
+        formats: Iterable[str] | None,
+        dataset_pattern: str | None,
+    ) -> list[PickedEvent | None]:
         wanted_formats = set(formats) if formats else None
         snapshot = self._snapshot(collection)
         self._count("lookups_served")
@@ -573,35 +750,45 @@ class Reader:
             return []
         holders = self._holders(snapshot, checked, dataset_pattern)
 
-        # Which files to read for which keys, decided as pick decides for one key.
+        # Which files to read for which keys, decided as pick decides for one key; the
+        # keys of one run share their holders, so each distinct holder list is planned once.
         reads: dict[int, list[int]] = {}
         attributed: dict[int, set[int]] = {}
         plans: list[frozenset[str]] = []
+        planned: dict[tuple[int, ...], tuple[list[int], frozenset[str], list[int]]] = {}
         for query, files in enumerate(holders):
-            files.sort(key=lambda i: (snapshot.files[i].dataset, snapshot.starts[i], i))
-            read = (
-                self._plan(snapshot, tuple(sorted({snapshot.files[i].dataset for i in files})))
-                if files
-                else frozenset()
-            )
+            found = planned.get(tuple(files))
+            if found is None:
+                ordered = sorted(
+                    files, key=lambda i: (snapshot.files[i].dataset, snapshot.starts[i], i)
+                )
+                read = (
+                    self._plan(snapshot, tuple(sorted({snapshot.files[i].dataset for i in files})))
+                    if files
+                    else frozenset()
+                )
+                found = planned[tuple(files)] = (
+                    ordered,
+                    read,
+                    [i for i in ordered if snapshot.files[i].dataset in read],
+                )
+            ordered, read, to_read = found
+            holders[query] = ordered
             plans.append(read)
-            first = True
-            for index in files:
-                if snapshot.files[index].dataset in read:
-                    reads.setdefault(index, []).append(query)
-                    if first:
-                        attributed.setdefault(index, set()).add(query)
-                        first = False
+            for index in to_read:
+                reads.setdefault(index, []).append(query)
+            if to_read:
+                attributed.setdefault(to_read[0], set()).add(query)
 
         # One file at a time: get_many already decodes a file's row groups on several threads.
         records: list[list[_Record]] = [[] for _ in checked]
         for index in sorted(reads):
             entry = snapshot.files[index]
             for query, record in self._read_many(
-                entry, checked, reads[index], attributed.get(index, set())
+                snapshot, entry, checked, reads[index], attributed.get(index, set())
             ):
                 records[query].append(record)
-        return [
+        events = [
             self._finish(
                 snapshot,
                 key,
@@ -615,6 +802,7 @@ class Reader:
             else None
             for query, key in enumerate(checked)
         ]
+        return self.extensions.extend(collection, events, dataset_pattern=dataset_pattern)
 
     def _holders(
         self, snapshot: _Snapshot, keys: Sequence[EventKey], dataset_pattern: str | None
@@ -636,6 +824,12 @@ class Reader:
             ):
                 continue
             queries = order[low[index] : high[index]]
+            sidecar = self._sidecar(snapshot, entry)
+            if sidecar is not None:
+                rows = sidecar.find_many(runs[queries], events[queries])
+                for query in queries[rows >= 0].tolist():
+                    holders[query].append(index)
+                continue
             # Key columns only: answered from the key index, no payload is decoded.
             found = self._reader(entry).get_many([keys[q] for q in queries.tolist()], EVENT_KEY)
             for query in np.unique(queries[found.column(QUERY_INDEX).to_numpy()]).tolist():
@@ -644,6 +838,7 @@ class Reader:
 
     def _read_many(
         self,
+        snapshot: _Snapshot,
         entry: TagFile,
         keys: Sequence[EventKey],
         queries: list[int],
@@ -651,10 +846,13 @@ class Reader:
     ) -> list[tuple[int, _Record]]:
         """One file's records for ``queries`` (the ``attributed`` ones with attributes),
         as (query, record) pairs."""
+        sidecar = self._sidecar(snapshot, entry)
+        if sidecar is not None:
+            return self._read_many_located(sidecar, entry, keys, queries, attributed)
         columns = PICK_COLUMNS if attributed else REFERENCES
         table = self._reader(entry).get_many([keys[q] for q in queries], columns)
         answered = [queries[i] for i in table.column(QUERY_INDEX).to_pylist()]
-        references = table.column("references").to_pylist()
+        references = [_as_references(r) for r in table.column("references").to_pylist()]
         names = [c for c in columns if c not in EVENT_KEY and c != "references"]
         values = [table.column(c).to_pylist() for c in names]
         found: list[tuple[int, _Record]] = []
@@ -670,6 +868,33 @@ class Reader:
             )
             found.append((query, _Record(entry, references[row], attributes)))
         return found
+
+    def _read_many_located(
+        self,
+        sidecar: LocationIndex,
+        entry: TagFile,
+        keys: Sequence[EventKey],
+        queries: list[int],
+        attributed: set[int],
+    ) -> list[tuple[int, _Record]]:
+        """``_read_many`` from a locations file: one vectorised find and gather."""
+        self._count("locations_reads")
+        runs = np.fromiter((keys[q][0] for q in queries), dtype=np.uint32, count=len(queries))
+        events = np.fromiter((keys[q][1] for q in queries), dtype=np.uint64, count=len(queries))
+        rows = sidecar.find_many(runs, events)
+        hit = np.flatnonzero(rows >= 0)
+        answered = [queries[i] for i in hit.tolist()]
+        references = sidecar.references_many(rows[hit])
+        with_attributes = [i for i, q in enumerate(answered) if q in attributed]
+        attributes: list[dict[str, Any] | None] = [None] * len(answered)
+        if with_attributes:
+            picked = sidecar.attributes_many(rows[hit][with_attributes])
+            for i, values in zip(with_attributes, picked, strict=True):
+                attributes[i] = values
+        return [
+            (query, _Record(entry, references[i], attributes[i]))
+            for i, query in enumerate(answered)
+        ]
 
     # -- files and ranges ------------------------------------------------------
     def events_in_file(self, guid: str) -> FileEvents | None:
@@ -722,6 +947,17 @@ class Reader:
         """Add the (run, event, position) of every reference to ``guid`` in ``entries``."""
         columns = [*EVENT_KEY, "references"]
         for entry in entries:
+            snapshot = self._snapshot(entry.collection)
+            sidecar = self._sidecar(snapshot, entry)
+            if sidecar is not None:
+                # A scan of fixed-width codes in the locations file: nothing to decode.
+                self._count("locations_reads")
+                for fmt, run, event, position in sidecar.referencing(guid):
+                    found = matches.get(fmt)
+                    if found is None:
+                        found = matches[fmt] = _GuidMatches(entry.dataset)
+                    found.events.add((run, event, position))
+                continue
             for piece in self._reader(entry).scan(columns=columns):
                 table = piece.combine_chunks()
                 references = table.column("references").chunk(0)
@@ -749,9 +985,11 @@ class Reader:
         dataset_pattern: str | None = None,
         columns: Sequence[str] | None = None,
         limit: int | None = None,
+        rows_of: Callable[[TagFile], npt.NDArray[np.uint32]] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Events of runs ``run_min..run_max`` as JSON-ready dicts, dataset by dataset in
-        key order, at most ``limit`` of them.
+        key order, at most ``limit`` of them; with ``rows_of``, only the rows of each master
+        file it names (ascending ordinals, e.g. ``TriggerIndex.selection(...).rows``).
 
         Every row has ``dataset``, the key columns and ``columns`` (default: all);
         trigger masks come as lowercase hex strings, references as lists of dicts.
@@ -776,7 +1014,7 @@ class Reader:
             ),
             key=lambda f: (f.dataset, _key_of(f.key_min), f.file_id),
         )
-        return self._select(files, low, high, wanted, limit)
+        return self._select(files, low, high, wanted, limit, rows_of)
 
     def _select(
         self,
@@ -785,12 +1023,19 @@ class Reader:
         high: int,
         columns: list[str],
         limit: int | None,
+        rows_of: Callable[[TagFile], npt.NDArray[np.uint32]] | None = None,
     ) -> Iterator[dict[str, Any]]:
         remaining = limit
         if remaining == 0:
             return
         for entry in files:
-            for piece in self._reader(entry).scan((low,), (high,), columns):
+            reader = self._reader(entry)
+            pieces = (
+                reader.scan((low,), (high,), columns)
+                if rows_of is None
+                else reader.take(rows_of(entry), columns)
+            )
+            for piece in pieces:
                 table = piece if remaining is None else piece.slice(0, remaining)
                 if remaining is not None:
                     remaining -= table.num_rows
@@ -804,6 +1049,7 @@ class Reader:
         with self._lock:
             figures = dict(self._counts)
         figures["open_files"], figures["retired_files_open"] = self._files.counts()
+        figures["open_locations_files"], _ = self._sidecar_files.counts()
         figures["collections_cached"] = len(self._snapshots)
         figures["key_cache_hits"] = DEFAULT_KEY_CACHE.hits
         figures["key_cache_misses"] = DEFAULT_KEY_CACHE.misses
@@ -814,6 +1060,7 @@ class Reader:
     def close(self) -> None:
         """Close every open file; the Reader can be used again afterwards (it reopens)."""
         self._files.close()
+        self._sidecar_files.close()
 
     def __enter__(self) -> Reader:
         return self
@@ -824,6 +1071,25 @@ class Reader:
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a batch answer is built.
+
+    A lookup of 10,000 events makes hundreds of thousands of small acyclic objects
+    (tuples, dicts, locations), and each allocation burst would trigger collections
+    that scan the whole heap: a third of the lookup's CPU. Nothing made here forms a
+    cycle, so reference counting frees it all the same. (If threads overlap, one may
+    re-enable collection early; that costs time, never memory or correctness.)
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _read_pool() -> ThreadPoolExecutor:
