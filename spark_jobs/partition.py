@@ -7,7 +7,12 @@ API): ``eventindex.spatial.partition`` assigns cells, overlap copies and file
 groups per Arrow batch; each (file group, kind) is sorted in one sort and
 written as one map-file holding a run of whole chunks;
 the director rows, range-partitioned and sorted by object id, are written as
-one director file per partition. Main: the driver registers every written file
+one director file per partition. A child table (rows keyed by their own id,
+pointing at an object) is joined with its director's index instead: rows
+whose object the director lacks are refused before anything is written, the
+others go to their object's chunk and sub-chunk, one chunk file per file group
+keyed (chunk, sub-chunk, object id, child id), no overlap and no director, as
+``partition_children`` writes them. Main: the driver registers every written file
 and commits it. A job that fails after writing removes what it wrote; a driver
 that dies in between leaves files that ``eventindex catalog verify`` reports as
 orphans.
@@ -122,8 +127,23 @@ def assign_batch(table: pa.Table, groups: FileGroups, columns: Columns) -> pa.Ta
     return both.append_column(FILE_GROUP, pa.array(index.astype(np.int32)))
 
 
-def write_chunk_group(table: pa.Table, target: FileTarget, groups: FileGroups) -> pa.Table:
-    """Write the rows of one (file group, kind) as a map-file sorted by the chunk key."""
+def child_batch(table: pa.Table, groups: FileGroups) -> pa.Table:
+    """Child rows that carry their object's cells, with the file group each goes to
+    (and ``_is_overlap`` false: children have no overlap copies)."""
+    index = groups.index_of(table.column(CHUNK_ID).to_numpy())
+    return table.append_column(IS_OVERLAP, pa.array(np.zeros(table.num_rows, bool))).append_column(
+        FILE_GROUP, pa.array(index.astype(np.int32))
+    )
+
+
+def write_chunk_group(
+    table: pa.Table,
+    target: FileTarget,
+    groups: FileGroups,
+    key: tuple[str, ...] = CHUNK_KEY,
+) -> pa.Table:
+    """Write the rows of one (file group, kind) as a map-file sorted by ``key`` (the
+    chunk key, with the child id after it for a child table)."""
     from catalog.model import new_file_id
 
     kind = FileKind.OVERLAP if table.column(IS_OVERLAP)[0].as_py() else FileKind.CHUNK
@@ -134,7 +154,7 @@ def write_chunk_group(table: pa.Table, target: FileTarget, groups: FileGroups) -
         meta = {"dataset": target.dataset, "kind": kind.value, "chunks": part}
         uri = target.uri(kind, file_id, part)
         options = chunk_write_options(target.options, piece.schema)
-        info = write_sorted(piece, uri, CHUNK_KEY, options, meta)
+        info = write_sorted(piece, uri, key, options, meta)
         chunks = np.unique(piece.column(CHUNK_ID).to_numpy()).tolist()
         rows.append(_written(kind, part, file_id, info, chunks))
     return pa.Table.from_pylist(rows, WRITTEN_SCHEMA)
@@ -235,11 +255,7 @@ def run_partition(
     groups = writer.groups
     sample = pa.Schema.from_pandas(frame.limit(0).toPandas(), preserve_index=False)
     assigned_schema = assign_batch(sample.empty_table(), groups, columns).schema
-    target = FileTarget(
-        folder=join(writer.files.root, writer.dataset.collection, writer.dataset.name),
-        dataset=writer.dataset.name,
-        options=writer.files.options,
-    )
+    target = _target(writer)
 
     def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
@@ -261,9 +277,108 @@ def run_partition(
             written_type,
         )
     )
+    _collect_and_register(writer, [chunk_files, director_files])
+    writer.summary.seconds = time.perf_counter() - started
+    return writer.summary
+
+
+def check_children(frame: DataFrame, child_key: str) -> None:
+    """Refuse child rows without an integer, non-null object id and child id, and
+    columns the partitioner adds."""
+    from pyspark.sql import functions as sf
+    from pyspark.sql.types import ByteType, IntegerType, LongType, ShortType
+
+    types = dict(frame.dtypes)
+    reserved = sorted({CHUNK_ID, SUB_CHUNK_ID} & set(frame.columns))
+    if reserved:
+        raise ValidationError(f"input columns {reserved} are reserved for the partitioner")
+    for name, role in ((OBJECT_ID, "object_id"), (child_key, "child key")):
+        if name not in types:
+            raise ValidationError(f"input has no {role} column {name!r} (columns: {frame.columns})")
+        if not isinstance(
+            frame.schema[name].dataType, ByteType | ShortType | IntegerType | LongType
+        ):
+            raise ValidationError(f"{role} column {name!r} has type {types[name]}")
+    nulls = frame.select(
+        *(sf.count(sf.when(sf.col(n).isNull(), 1)).alias(n) for n in (OBJECT_ID, child_key))
+    ).collect()[0]
+    for name in (OBJECT_ID, child_key):
+        if nulls[name]:
+            raise ValidationError(f"column {name!r} is null in {nulls[name]} rows")
+
+
+def run_partition_children(
+    frame: DataFrame, writer: PartitionedWriter, director_uris: list[str]
+) -> PartitionSummary:
+    """Partition the child table ``frame`` on Spark by its objects' cells in the
+    director files ``director_uris``, and register every file through ``writer``
+    (a child writer: it names the director and the child key)."""
+    from pyspark.sql import functions as sf
+    from pyspark.sql.types import BooleanType, IntegerType, StructField, StructType
+
+    started = time.perf_counter()
+    child_key = writer.chunk_key[-1]
+    if writer.chunk_key == CHUNK_KEY:
+        raise ValueError("run_partition_children needs a child table's writer")
+    check_children(frame, child_key)
+    spark = frame.sparkSession
+    director = spark.read.parquet(*director_uris).select(OBJECT_ID, CHUNK_ID, SUB_CHUNK_ID)
+    children = frame.withColumn(OBJECT_ID, sf.col(OBJECT_ID).cast("long"))
+    orphans = (
+        children.join(director, OBJECT_ID, "left_anti")
+        .agg(sf.count(sf.lit(1)).alias("rows"), sf.min(OBJECT_ID).alias("first"))
+        .collect()[0]
+    )
+    if orphans["rows"]:
+        raise ValidationError(
+            f"object_id {orphans['first']} of a child row is not in the director table "
+            f"({orphans['rows']} rows point at unknown objects)"
+        )
+    placed = children.join(director, OBJECT_ID, "inner").select(
+        *children.columns, CHUNK_ID, SUB_CHUNK_ID
+    )
+    groups = writer.groups
+    grouped_type = StructType(
+        [
+            *placed.schema.fields,
+            StructField(IS_OVERLAP, BooleanType(), False),
+            StructField(FILE_GROUP, IntegerType(), False),
+        ]
+    )
+    target = _target(writer)
+    key = writer.chunk_key
+
+    def assign(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            yield from child_batch(pa.Table.from_batches([batch]), groups).to_batches()
+
+    chunk_files = (
+        placed.mapInArrow(assign, grouped_type)
+        .groupBy(FILE_GROUP)
+        .applyInArrow(
+            lambda table: write_chunk_group(table, target, groups, key),
+            _arrow_to_spark(WRITTEN_SCHEMA),
+        )
+    )
+    _collect_and_register(writer, [chunk_files])
+    writer.summary.seconds = time.perf_counter() - started
+    return writer.summary
+
+
+def _target(writer: PartitionedWriter) -> FileTarget:
+    return FileTarget(
+        folder=join(writer.files.root, writer.dataset.collection, writer.dataset.name),
+        dataset=writer.dataset.name,
+        options=writer.files.options,
+    )
+
+
+def _collect_and_register(writer: PartitionedWriter, jobs: list[DataFrame]) -> None:
+    """Run the writing jobs, then register what they wrote; on any failure remove
+    every file written."""
     written: list[dict[str, Any]] = []
     try:
-        for files in (chunk_files, director_files):
+        for files in jobs:
             written.extend(r.asDict() for r in files.toLocalIterator())
         register_written(writer, written)
     except BaseException:
@@ -272,8 +387,6 @@ def run_partition(
                 if exists(row["uri"]):
                     delete_file(row["uri"])
         raise
-    writer.summary.seconds = time.perf_counter() - started
-    return writer.summary
 
 
 def register_written(writer: PartitionedWriter, written: list[dict[str, Any]]) -> None:
@@ -333,7 +446,7 @@ def partition_catalog(
     """Partition ``source`` (Parquet, CSV or a dataset) into ``<catalog_name>.<table>``,
     on Spark when a session is given, else in this process. With ``director`` (a
     partitioned table) and ``child_key``, ``source`` is a child table: its rows go to
-    their object's chunk (in this process)."""
+    their object's chunk and sub-chunk."""
     spatial = settings.spatial
     options = WriteOptions(
         row_group_rows=spatial.row_group_rows,
@@ -346,7 +459,16 @@ def partition_catalog(
     uris = dataset_uris(catalog, source)
     if director is not None:
         return _partition_children(
-            settings, catalog, source, catalog_name, table, director, child_key, options
+            settings,
+            catalog,
+            source,
+            catalog_name,
+            table,
+            director,
+            child_key,
+            options,
+            spark,
+            uris,
         )
     if spark is None:
         batches = input_tables(source, catalog)
@@ -355,7 +477,12 @@ def partition_catalog(
             catalog, settings.store.root, catalog_name, table, chunker_of(settings.spatial), options
         )
         chained = [] if next_batch is None else itertools.chain([next_batch], batches)
-        return partition_local(chained, writer, columns=columns)
+        return partition_local(
+            chained,
+            writer,
+            columns=columns,
+            memory_bytes=settings.spatial.partition_memory_mb << 20,
+        )
     frame = read_input(spark, source, uris)
     writer = PartitionedWriter(
         catalog, settings.store.root, catalog_name, table, chunker_of(settings.spatial), options
@@ -384,12 +511,31 @@ def _partition_children(
     director: str,
     child_key: str | None,
     options: WriteOptions,
+    spark: SparkSession | None,
+    uris: list[str] | None,
 ) -> PartitionSummary:
     from eventindex.query.objects import ObjectCatalogs
 
     if not child_key:
         raise ValidationError("a child table needs --child-key, the column of its own id")
     objects = ObjectCatalogs(catalog).table(director)
+    if spark is not None:
+        try:
+            frame = read_input(spark, source, uris)
+            writer = PartitionedWriter(
+                catalog,
+                settings.store.root,
+                catalog_name,
+                table,
+                objects.chunker,
+                options,
+                director=objects.name,
+                child_key=child_key,
+            )
+            directors = catalog.list_tagfiles(dataset=objects.name, kinds=[FileKind.DIRECTOR])
+            return run_partition_children(frame, writer, [e.uri for e in directors])
+        finally:
+            objects.close()
     batches = input_tables(source, catalog)
     first = next(batches, None)
     writer = PartitionedWriter(

@@ -167,7 +167,7 @@ def partition(
 
     settings = state(ctx).settings
     columns = Columns(id_column, ra_column, dec_column)
-    with catalog_of(settings) as catalog, spark_of(settings, local or bool(director)) as spark:
+    with catalog_of(settings) as catalog, spark_of(settings, local) as spark:
         summary = partition_catalog(
             settings,
             catalog,

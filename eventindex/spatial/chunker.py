@@ -357,17 +357,45 @@ class Chunker:
     # -- cell geometry -----------------------------------------------------
     def sub_chunk_box(self, chunk_id: int, sub_chunk_id: int) -> tuple[float, float, float, float]:
         """(ra_min, ra_max, dec_min, dec_max) of one sub-chunk, in degrees."""
-        stripe = self.stripe_of(chunk_id)
+        boxes = self.sub_chunk_boxes(np.array([chunk_id]), np.array([sub_chunk_id]))
+        ra_min, ra_max, dec_min, dec_max = (float(b[0]) for b in boxes)
+        return ra_min, ra_max, dec_min, dec_max
+
+    def sub_chunk_boxes(
+        self, chunk_ids: npt.ArrayLike, sub_chunk_ids: npt.ArrayLike
+    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """(ra_min, ra_max, dec_min, dec_max) arrays of sub-chunks (valid ids), in degrees.
+        The last column of a sub-stripe ends at 360 exactly (``locate`` clamps to it)."""
+        chunk_id = np.asarray(chunk_ids, dtype=np.int64)
+        stripe = chunk_id // (2 * self.num_stripes)
         chunk = chunk_id - 2 * self.num_stripes * stripe
-        row, col = divmod(sub_chunk_id, self.max_sub_chunks_per_chunk)
-        sub_stripe = stripe * self.num_sub_stripes + row
-        nsc = int(self.sub_chunks_per_chunk[sub_stripe])
-        width = float(self.sub_chunk_width[sub_stripe])
-        column = chunk * nsc + col
-        ra_max = (
-            360.0
-            if column == int(self.chunks_per_stripe[stripe]) * nsc - 1
-            else ((column + 1) * width)
+        row, col = np.divmod(
+            np.asarray(sub_chunk_ids, dtype=np.int64), self.max_sub_chunks_per_chunk
         )
-        dec_min = sub_stripe * self.sub_stripe_height - 90.0
-        return column * width, ra_max, dec_min, dec_min + self.sub_stripe_height
+        sub_stripe = stripe * self.num_sub_stripes + row
+        nsc = self.sub_chunks_per_chunk[sub_stripe]
+        width = self.sub_chunk_width[sub_stripe]
+        column = chunk * nsc + col
+        last = column == self.chunks_per_stripe[stripe] * nsc - 1
+        ra_max = np.where(last, 360.0, (column + 1) * width)
+        west: FloatArray = (column * width).astype(np.float64)
+        east: FloatArray = ra_max.astype(np.float64)
+        south: FloatArray = (sub_stripe * self.sub_stripe_height - 90.0).astype(np.float64)
+        north: FloatArray = south + self.sub_stripe_height
+        return west, east, south, north
+
+    def chunk_boxes(
+        self, chunk_ids: npt.ArrayLike
+    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+        """(ra_min, ra_max, dec_min, dec_max) arrays of chunks (valid ids), in degrees."""
+        chunk_id = np.asarray(chunk_ids, dtype=np.int64)
+        stripe = chunk_id // (2 * self.num_stripes)
+        chunk = chunk_id - 2 * self.num_stripes * stripe
+        count = self.chunks_per_stripe[stripe]
+        width = 360.0 / count
+        ra_max = np.where(chunk == count - 1, 360.0, (chunk + 1) * width)
+        west: FloatArray = (chunk * width).astype(np.float64)
+        east: FloatArray = ra_max.astype(np.float64)
+        south: FloatArray = (stripe * self.stripe_height - 90.0).astype(np.float64)
+        north: FloatArray = south + self.stripe_height
+        return west, east, south, north

@@ -2,7 +2,9 @@
 
 Each region answers two questions, split as lsdb splits its searches: which
 chunks and sub-chunks it may touch (``lsst.sphgeom`` prunes the grid, from
-metadata alone) and which rows it holds (``contains``, vectorised, exact).
+metadata alone; a polygon then drops the cells of its bounding box that it
+cannot reach, ``Polygon.may_touch``) and which rows it holds (``contains``,
+vectorised, exact).
 Angles are degrees; right ascension in [0, 360), declination in [-90, 90].
 """
 
@@ -28,6 +30,11 @@ from eventindex.spatial.chunker import (
 BoolArray = npt.NDArray[np.bool_]
 # Pruning regions are widened by this much, so rounding at a cell edge never drops a row.
 _PRUNE_MARGIN_DEG = 1e-9
+# A cell is outside a great circle's hemisphere when its nearest point is below this
+# (dot products of unit vectors, well above their rounding error).
+_PRUNE_MARGIN_DOT = -1e-12
+# Cells tested against a polygon at a time: bounds the (cells, edges) temporaries.
+_PRUNE_BLOCK = 1 << 15
 
 
 def unit_vectors(ra: FloatArray, dec: FloatArray) -> FloatArray:
@@ -49,6 +56,42 @@ def angular_separation(
         + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2.0) ** 2
     )
     return np.degrees(2.0 * np.arcsin(np.sqrt(np.clip(half, 0.0, 1.0))))  # type: ignore[no-any-return]
+
+
+def box_max_dot(
+    normals: FloatArray,
+    ra_min: FloatArray,
+    ra_max: FloatArray,
+    dec_min: FloatArray,
+    dec_max: FloatArray,
+) -> FloatArray:
+    """(cells, normals): the largest ``n·x`` over each lon/lat box (degrees, ``ra_min <
+    ra_max``, possibly beyond [0, 360)) of each unit normal ``n``, exactly.
+
+    On the box ``n·x = cos(dec)·r·cos(ra - ra0) + n_z·sin(dec)``: since ``cos(dec) ≥ 0``
+    the best ``ra`` is ``ra0`` if the box holds it, else the nearer edge, whatever the
+    ``dec``; then ``a·cos(dec) + n_z·sin(dec)`` peaks at ``atan2(n_z, a)`` if the box
+    holds it, else at the nearer edge.
+    """
+    r = np.hypot(normals[:, 0], normals[:, 1])[None, :]
+    nz = normals[:, 2][None, :]
+    ra0 = np.degrees(np.arctan2(normals[:, 1], normals[:, 0]))[None, :]
+    lo, hi = ra_min[:, None], ra_max[:, None]
+    width = hi - lo
+    holds_ra0 = (width >= 360.0) | (np.mod(ra0 - lo, 360.0) <= width)
+    edge = np.maximum(np.cos(np.radians(lo - ra0)), np.cos(np.radians(hi - ra0)))
+    a = r * np.where(holds_ra0, 1.0, edge)
+    peak = np.degrees(np.arctan2(nz, a))
+    south, north = dec_min[:, None], dec_max[:, None]
+    holds_peak = (peak >= south) & (peak <= north)
+
+    def at(dec: FloatArray) -> FloatArray:
+        rad = np.radians(dec)
+        value: FloatArray = a * np.cos(rad) + nz * np.sin(rad)
+        return value
+
+    best: FloatArray = np.where(holds_peak, np.hypot(a, nz), np.maximum(at(south), at(north)))
+    return best
 
 
 def chord_squared(radius_deg: float) -> float:
@@ -209,3 +252,68 @@ class Polygon(Region):
     def contains(self, ra: FloatArray, dec: FloatArray) -> BoolArray:
         inside: BoolArray = np.all(unit_vectors(ra, dec) @ self._normals.T >= 0.0, axis=1)
         return inside
+
+    def sub_chunks(self, chunker: Chunker) -> dict[int, IntArray]:
+        """The sub-chunks of the bounding box's that the polygon itself may touch."""
+        grid = sphgeom.Chunker(chunker.num_stripes, chunker.num_sub_stripes)
+        touched = grid.getSubChunksIntersecting(self.to_sphgeom())
+        if not touched:
+            return {}
+        # Chunks first (few): the sub-chunks of those kept alone are then tested.
+        chunk_ids = np.array([c for c, _ in touched], dtype=np.int64)
+        near = self.may_touch(*chunker.chunk_boxes(chunk_ids))
+        subs = [
+            np.asarray(sorted(s), dtype=np.int64)
+            for (_, s), n in zip(touched, near, strict=True)
+            if n
+        ]
+        if not subs:
+            return {}
+        chunk = np.repeat(chunk_ids[near], [len(s) for s in subs])
+        sub = np.concatenate(subs)
+        keep = self.may_touch(*chunker.sub_chunk_boxes(chunk, sub))
+        chunk, sub = chunk[keep], sub[keep]
+        cuts = np.flatnonzero(np.diff(chunk)) + 1
+        return {
+            int(c[0]): s
+            for c, s in zip(np.split(chunk, cuts), np.split(sub, cuts), strict=True)
+            if len(c)
+        }
+
+    def chunks(self, chunker: Chunker) -> list[int]:
+        """The chunks of the bounding box's that the polygon itself may touch."""
+        found = np.asarray(super().chunks(chunker), dtype=np.int64)
+        return [int(c) for c in found[self.may_touch(*chunker.chunk_boxes(found))]]
+
+    def may_touch(
+        self, ra_min: FloatArray, ra_max: FloatArray, dec_min: FloatArray, dec_max: FloatArray
+    ) -> BoolArray:
+        """Which lon/lat boxes (cells of the grid) the polygon may overlap: conservative,
+        never false for a box that holds a point of the polygon.
+
+        A box is dropped when one great circle separates it from the polygon: an edge
+        of the polygon with the whole box outside it, or a meridian side of a box
+        narrower than 180 degrees with every vertex beyond it. Convex sets that touch
+        have no such circle; a box near a vertex but outside may keep none either, and
+        is kept. Boxes are widened by the pruning margin first.
+        """
+        keep = np.zeros(len(ra_min), dtype=bool)
+        for start in range(0, len(ra_min), _PRUNE_BLOCK):
+            block = slice(start, start + _PRUNE_BLOCK)
+            lo = ra_min[block] - _PRUNE_MARGIN_DEG
+            hi = ra_max[block] + _PRUNE_MARGIN_DEG
+            south = np.maximum(dec_min[block] - _PRUNE_MARGIN_DEG, -90.0)
+            north = np.minimum(dec_max[block] + _PRUNE_MARGIN_DEG, 90.0)
+            inside = np.all(
+                box_max_dot(self._normals, lo, hi, south, north) >= _PRUNE_MARGIN_DOT, axis=1
+            )
+            # A box of width ≤ 180 lies east of its west meridian and west of its east one.
+            x, y = self._corners[:, 0][None, :], self._corners[:, 1][None, :]
+            lo_rad, hi_rad = np.radians(lo)[:, None], np.radians(hi)[:, None]
+            east_of_west = -np.sin(lo_rad) * x + np.cos(lo_rad) * y
+            west_of_east = np.sin(hi_rad) * x - np.cos(hi_rad) * y
+            beyond = np.all(east_of_west < _PRUNE_MARGIN_DOT, axis=1) | np.all(
+                west_of_east < _PRUNE_MARGIN_DOT, axis=1
+            )
+            keep[block] = inside & ~((hi - lo < 180.0) & beyond)
+        return keep
