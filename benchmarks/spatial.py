@@ -197,7 +197,12 @@ def ensure_partitioned(
     writer = PartitionedWriter(catalog, str(root / "store"), name, "Object", Chunker(), OPTIONS)
     cpu = _cpu_seconds()
     started = time.perf_counter()
-    summary = partition_local(batches, writer, spill_dir=str(root))
+    summary = partition_local(
+        batches,
+        writer,
+        memory_bytes=SpatialSettings().partition_memory_mb << 20,
+        spill_dir=str(root),
+    )
     wall = time.perf_counter() - started
     result = {
         **summary.to_dict(),
@@ -457,11 +462,20 @@ def run(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data", default=str(BENCH_DIR), help="Where data is built and reused.")
     parser.add_argument("--rebuild", action="store_true", help="Delete the data and start over.")
+    parser.add_argument(
+        "--repartition",
+        action="store_true",
+        help="Keep the generated objects but partition them again (drops the store).",
+    )
     args = parser.parse_args(argv)
 
     root = Path(args.data) / f"sky-{args.objects}"
     if args.rebuild and root.exists():
         shutil.rmtree(root)
+    if args.repartition and not args.only_crossmatch:
+        shutil.rmtree(root / "store", ignore_errors=True)
+        for stale in ("partition-sky.json", "catalog.sqlite"):
+            (root / stale).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     parts = (

@@ -183,6 +183,9 @@ class SpatialSettings(Section):
     compression: Literal["zstd", "lz4", "snappy", "gzip", "none"] = Field(
         "lz4", description="Of chunk files: positions compress as well with lz4 as with zstd."
     )
+    partition_memory_mb: int = Field(
+        3072, ge=16, description="Assigned rows held in memory before buckets spill to disk."
+    )
 
 
 class CompactionSettings(Section):

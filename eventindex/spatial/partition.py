@@ -543,20 +543,30 @@ class PartitionedWriter:
 
 class _Buckets:
     """Assigned rows parked in buckets of whole file groups: in memory while they fit
-    in ``memory_rows``, then in Arrow IPC files (one per kind and bucket) under a
-    temporary folder. Splitting by bucket costs a radix sort of small bucket numbers
-    and one gather; each bucket is then sorted and written alone."""
+    in ``memory_rows`` rows and ``memory_bytes`` bytes; beyond, the largest buckets
+    move to Arrow IPC files (one per kind and bucket) under a temporary folder and
+    take their later rows there, so only what exceeds the budget is ever spilled.
+    Splitting by bucket costs a radix sort of small bucket numbers and one gather;
+    each bucket is then sorted and written alone."""
 
     def __init__(
-        self, groups: FileGroups, buckets: int, memory_rows: int, spill_dir: str | None
+        self,
+        groups: FileGroups,
+        buckets: int,
+        memory_rows: int | None,
+        memory_bytes: int,
+        spill_dir: str | None,
     ) -> None:
         self.groups = groups
         self.buckets = max(1, min(buckets, len(groups), 1 << 16))
         self.memory_rows = memory_rows
+        self.memory_bytes = memory_bytes
         self.spill_dir = spill_dir
         self.directory: Path | None = None
         self._held: dict[tuple[str, int], list[pa.Table]] = {}
-        self._held_rows = 0
+        self._held_rows: dict[tuple[str, int], int] = {}
+        self._total_rows = 0
+        self._row_bytes = 1.0
         self._writers: dict[tuple[str, int], pa.ipc.RecordBatchFileWriter] = {}
         self._schema: pa.Schema | None = None
 
@@ -564,6 +574,7 @@ class _Buckets:
         if table.num_rows == 0:
             return
         self._schema = table.schema
+        self._row_bytes = max(self._row_bytes, table.nbytes / table.num_rows)
         index = self.groups.index_of(table.column(CHUNK_ID).to_numpy())
         bucket = (index.astype(np.int64) * self.buckets // len(self.groups)).astype(np.uint16)
         order = np.argsort(bucket, kind="stable")
@@ -575,22 +586,30 @@ class _Buckets:
         for start, end in zip(starts, ends, strict=True):
             key = (kind, int(bucket[start]))
             piece = ordered.slice(start, end - start)
-            if self.directory is None:
-                self._held.setdefault(key, []).append(piece)
-            else:
-                self._writer(key, piece.schema).write_table(piece)
-        if self.directory is None:
-            self._held_rows += table.num_rows
-            if self._held_rows > self.memory_rows:
-                self._spill()
-
-    def _spill(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="eventindex-partition-", dir=self.spill_dir))
-        for key, pieces in self._held.items():
-            writer = self._writer(key, pieces[0].schema)
-            for piece in pieces:
+            writer = self._writers.get(key)
+            if writer is not None:
                 writer.write_table(piece)
-        self._held, self._held_rows = {}, 0
+            else:
+                self._held.setdefault(key, []).append(piece)
+                self._held_rows[key] = self._held_rows.get(key, 0) + piece.num_rows
+                self._total_rows += piece.num_rows
+        limit = int(self.memory_bytes / self._row_bytes)
+        if self.memory_rows is not None:
+            limit = min(limit, self.memory_rows)
+        while self._total_rows > limit:
+            self._spill(max(self._held_rows, key=self._held_rows.__getitem__))
+
+    def _spill(self, key: tuple[str, int]) -> None:
+        """Move one bucket to disk; its later rows follow it there."""
+        if self.directory is None:
+            self.directory = Path(
+                tempfile.mkdtemp(prefix="eventindex-partition-", dir=self.spill_dir)
+            )
+        pieces = self._held.pop(key)
+        self._total_rows -= self._held_rows.pop(key)
+        writer = self._writer(key, pieces[0].schema)
+        for piece in pieces:
+            writer.write_table(piece)
 
     def _writer(self, key: tuple[str, int], schema: pa.Schema) -> pa.ipc.RecordBatchFileWriter:
         writer = self._writers.get(key)
@@ -625,9 +644,14 @@ class _Buckets:
         for writer in self._writers.values():
             with contextlib.suppress(Exception):
                 writer.close()
-        self._held = {}
+        self._held, self._held_rows = {}, {}
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# Bytes of assigned rows held in memory before buckets spill to disk (the
+# ``[spatial] partition_memory_mb`` setting's default).
+PARTITION_MEMORY_BYTES = 3 << 30
 
 
 def partition_local(
@@ -635,7 +659,8 @@ def partition_local(
     writer: PartitionedWriter,
     *,
     columns: Columns = DEFAULT_COLUMNS,
-    memory_rows: int = 20_000_000,
+    memory_rows: int | None = None,
+    memory_bytes: int = PARTITION_MEMORY_BYTES,
     spill_buckets: int = 64,
     director_file_rows: int = 50_000_000,
     spill_dir: str | None = None,
@@ -643,10 +668,10 @@ def partition_local(
     """Partition every input table in this process, in bounded memory.
 
     Assigned rows go to ``spill_buckets`` buckets of whole file groups, held in
-    memory up to ``memory_rows`` rows and spilled to disk beyond (under
-    ``spill_dir``, else the system's temporary folder); each bucket is then
-    sorted and written in turn. Object ids are checked unique before any file
-    is written.
+    memory up to ``memory_bytes`` (and ``memory_rows`` rows, if given) and the
+    excess spilled to disk (under ``spill_dir``, else the system's temporary
+    folder); each bucket is then sorted and written in turn. Object ids are
+    checked unique before any file is written.
     """
     with small_pages():
         return _partition_local(
@@ -654,6 +679,7 @@ def partition_local(
             writer,
             columns=columns,
             memory_rows=memory_rows,
+            memory_bytes=memory_bytes,
             spill_buckets=spill_buckets,
             director_file_rows=director_file_rows,
             spill_dir=spill_dir,
@@ -665,7 +691,8 @@ def _partition_local(
     writer: PartitionedWriter,
     *,
     columns: Columns = DEFAULT_COLUMNS,
-    memory_rows: int = 20_000_000,
+    memory_rows: int | None = None,
+    memory_bytes: int = PARTITION_MEMORY_BYTES,
     spill_buckets: int = 64,
     director_file_rows: int = 50_000_000,
     spill_dir: str | None = None,
@@ -675,7 +702,7 @@ def _partition_local(
     ids: list[np.ndarray] = []
     cells: list[tuple[np.ndarray, np.ndarray]] = []
     schema: pa.Schema | None = None
-    buckets = _Buckets(writer.groups, spill_buckets, memory_rows, spill_dir)
+    buckets = _Buckets(writer.groups, spill_buckets, memory_rows, memory_bytes, spill_dir)
     try:
         for table in _slices(batches, columns):
             primary, overlap = assign_cells(table, chunker)
