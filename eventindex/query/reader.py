@@ -71,6 +71,7 @@ PICK_COLUMNS = (
     "references",
 )
 REFERENCES = ("references",)
+IntArray = npt.NDArray[np.int64]
 # What a locations file holds besides the key and the references: the attributes a pick returns.
 LOCATION_ATTRIBUTES = tuple(c for c in PICK_COLUMNS if c not in EVENT_KEY and c != "references")
 RUN_NUMBER_MAX = 2**32 - 1
@@ -748,7 +749,7 @@ class Reader:
         self._count("events_looked_up", len(checked))
         if not checked:
             return []
-        holders = self._holders(snapshot, checked, dataset_pattern)
+        holders, located = self._holders(snapshot, checked, dataset_pattern)
 
         # Which files to read for which keys, decided as pick decides for one key; the
         # keys of one run share their holders, so each distinct holder list is planned once.
@@ -780,12 +781,35 @@ class Reader:
             if to_read:
                 attributed.setdefault(to_read[0], set()).add(query)
 
+        # The rows each locations file is read at, and every file's pages of them asked
+        # for before any is read (records first: with rows of different depths, where a
+        # row's references are is in its record), so the reads of all files overlap.
+        rows_of: dict[int, IntArray] = {}
+        for index in sorted(reads):
+            if index in located:
+                held, rows = located[index]
+                rows_of[index] = rows[np.searchsorted(held, reads[index])]
+        for index, rows in rows_of.items():
+            located_index = self._sidecar(snapshot, snapshot.files[index])
+            if located_index is not None:
+                wanted = attributed.get(index, set())
+                mask = np.fromiter((q in wanted for q in reads[index]), bool, len(rows))
+                located_index.prefetch_rows(rows, rows[mask])
+        for index, rows in rows_of.items():
+            located_index = self._sidecar(snapshot, snapshot.files[index])
+            if located_index is not None:
+                located_index.prefetch_references(rows)
         # One file at a time: get_many already decodes a file's row groups on several threads.
         records: list[list[_Record]] = [[] for _ in checked]
         for index in sorted(reads):
             entry = snapshot.files[index]
             for query, record in self._read_many(
-                snapshot, entry, checked, reads[index], attributed.get(index, set())
+                snapshot,
+                entry,
+                checked,
+                reads[index],
+                attributed.get(index, set()),
+                rows_of.get(index),
             ):
                 records[query].append(record)
         events = [
@@ -806,8 +830,9 @@ class Reader:
 
     def _holders(
         self, snapshot: _Snapshot, keys: Sequence[EventKey], dataset_pattern: str | None
-    ) -> list[list[int]]:
-        """For every key, the indexes in ``snapshot.files`` of the files that hold it."""
+    ) -> tuple[list[list[int]], dict[int, tuple[IntArray, IntArray]]]:
+        """For every key, the indexes in ``snapshot.files`` of the files that hold it; and
+        per file answered by a locations file, the keys it holds (sorted) and their rows."""
         runs = np.fromiter((k[0] for k in keys), dtype=np.uint32, count=len(keys))
         events = np.fromiter((k[1] for k in keys), dtype=np.uint64, count=len(keys))
         encoded = encode_key_columns([runs, events])
@@ -816,7 +841,7 @@ class Reader:
         # Per file, the slice of the sorted keys inside its key range: two vectorised bisects.
         low = np.searchsorted(ordered, snapshot.starts_encoded, side="left")
         high = np.searchsorted(ordered, snapshot.ends_encoded, side="right")
-        holders: list[list[int]] = [[] for _ in keys]
+        candidates: list[tuple[int, IntArray, LocationIndex | None]] = []
         for index in np.flatnonzero(high > low).tolist():
             entry = snapshot.files[index]
             if dataset_pattern is not None and not fnmatch.fnmatchcase(
@@ -826,15 +851,29 @@ class Reader:
             queries = order[low[index] : high[index]]
             sidecar = self._sidecar(snapshot, entry)
             if sidecar is not None:
-                rows = sidecar.find_many(runs[queries], events[queries])
-                for query in queries[rows >= 0].tolist():
+                # Every file's key blocks are asked for before any is read: the reads
+                # of all files then overlap instead of waiting one file at a time.
+                sidecar.prefetch_keys(runs[queries], events[queries])
+            candidates.append((index, queries, sidecar))
+        holders: list[list[int]] = [[] for _ in keys]
+        located: dict[int, tuple[IntArray, IntArray]] = {}
+        for index, queries, sidecar in candidates:
+            if sidecar is not None:
+                rows = sidecar.find_many(runs[queries], events[queries], prefetched=True)
+                hit = rows >= 0
+                held = queries[hit]
+                for query in held.tolist():
                     holders[query].append(index)
+                by_query = np.argsort(held, kind="stable")
+                located[index] = (held[by_query], rows[hit][by_query])
                 continue
             # Key columns only: answered from the key index, no payload is decoded.
-            found = self._reader(entry).get_many([keys[q] for q in queries.tolist()], EVENT_KEY)
+            found = self._reader(snapshot.files[index]).get_many(
+                [keys[q] for q in queries.tolist()], EVENT_KEY
+            )
             for query in np.unique(queries[found.column(QUERY_INDEX).to_numpy()]).tolist():
                 holders[query].append(index)
-        return holders
+        return holders, located
 
     def _read_many(
         self,
@@ -843,12 +882,14 @@ class Reader:
         keys: Sequence[EventKey],
         queries: list[int],
         attributed: set[int],
+        rows: IntArray | None = None,
     ) -> list[tuple[int, _Record]]:
         """One file's records for ``queries`` (the ``attributed`` ones with attributes),
-        as (query, record) pairs."""
+        as (query, record) pairs; ``rows``: their rows in its locations file, found and
+        asked for already."""
         sidecar = self._sidecar(snapshot, entry)
         if sidecar is not None:
-            return self._read_many_located(sidecar, entry, keys, queries, attributed)
+            return self._read_many_located(sidecar, entry, keys, queries, attributed, rows)
         columns = PICK_COLUMNS if attributed else REFERENCES
         table = self._reader(entry).get_many([keys[q] for q in queries], columns)
         answered = [queries[i] for i in table.column(QUERY_INDEX).to_pylist()]
@@ -876,15 +917,19 @@ class Reader:
         keys: Sequence[EventKey],
         queries: list[int],
         attributed: set[int],
+        rows: IntArray | None = None,
     ) -> list[tuple[int, _Record]]:
-        """``_read_many`` from a locations file: one vectorised find and gather."""
+        """``_read_many`` from a locations file: one vectorised find and gather (no find
+        when the ``rows`` of the queries are known and their pages asked for)."""
         self._count("locations_reads")
-        runs = np.fromiter((keys[q][0] for q in queries), dtype=np.uint32, count=len(queries))
-        events = np.fromiter((keys[q][1] for q in queries), dtype=np.uint64, count=len(queries))
-        rows = sidecar.find_many(runs, events)
+        prefetched = rows is not None
+        if rows is None:
+            runs = np.fromiter((keys[q][0] for q in queries), dtype=np.uint32, count=len(queries))
+            events = np.fromiter((keys[q][1] for q in queries), dtype=np.uint64, count=len(queries))
+            rows = sidecar.find_many(runs, events)
         hit = np.flatnonzero(rows >= 0)
         answered = [queries[i] for i in hit.tolist()]
-        references = sidecar.references_many(rows[hit])
+        references = sidecar.references_many(rows[hit], prefetched=prefetched)
         with_attributes = [i for i, q in enumerate(answered) if q in attributed]
         attributes: list[dict[str, Any] | None] = [None] * len(answered)
         if with_attributes:

@@ -32,7 +32,7 @@ import itertools
 import mmap
 import posixpath
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -466,11 +466,14 @@ class LocationIndex:
             return -1
         return start + row
 
-    def find_many(self, runs: npt.NDArray[np.uint32], events: npt.NDArray[np.uint64]) -> IntArray:
-        """``find`` for parallel arrays of keys, vectorised: rows, -1 where absent."""
-        found = np.full(len(runs), -1, dtype=np.int64)
+    def _segments(
+        self, runs: npt.NDArray[np.uint32], events: npt.NDArray[np.uint64]
+    ) -> Iterator[tuple[IntArray, int, int, npt.NDArray[Any], IntArray, IntArray]]:
+        """Per run segment holding some of the keys: the keys' indexes, the segment's rows
+        ``[low, high)``, the keys as event codes, and the block ``[start, stop)`` (relative
+        to ``low``) each must be in, from the samples in memory (no page is read)."""
         if len(runs) == 0:
-            return found
+            return
         which = np.searchsorted(self._runs, runs.astype(np.uint32))
         inside = which < len(self._runs)
         inside[inside] = self._runs[which[inside]] == runs[inside]
@@ -479,13 +482,32 @@ class LocationIndex:
         for index in np.unique(which[inside]).tolist():
             queries = np.flatnonzero(inside & (which == index))
             low, high = self._run_start_list[index], self._run_start_list[index + 1]
-            piece = self._events[low:high]
-            probes = shifted[queries].astype(piece.dtype)
-            # The block of each probe from the samples in memory, then one read per block.
+            probes = shifted[queries].astype(self._events.dtype)
             block = np.searchsorted(self._samples[index], probes, side="left")
             starts = np.maximum(block - 1, 0) * BLOCK
             stops = np.minimum(block * BLOCK + 1, high - low)
+            yield queries, low, high, probes, starts, stops
+
+    def prefetch_keys(self, runs: npt.NDArray[np.uint32], events: npt.NDArray[np.uint64]) -> None:
+        """Ask for the key blocks ``find_many`` will read for these keys, without waiting:
+        a batch asks this of all its files first, so their reads overlap."""
+        for _, low, _, _, starts, stops in self._segments(runs, events):
             self._prefetch("events", starts + low, stops + low)
+
+    def find_many(
+        self,
+        runs: npt.NDArray[np.uint32],
+        events: npt.NDArray[np.uint64],
+        *,
+        prefetched: bool = False,
+    ) -> IntArray:
+        """``find`` for parallel arrays of keys, vectorised: rows, -1 where absent
+        (``prefetched``: the caller already asked for their blocks with ``prefetch_keys``)."""
+        found = np.full(len(runs), -1, dtype=np.int64)
+        for queries, low, high, probes, starts, stops in self._segments(runs, events):
+            piece = self._events[low:high]
+            if not prefetched:
+                self._prefetch("events", starts + low, stops + low)
             rows = np.empty(len(probes), dtype=np.int64)
             steps = np.arange(BLOCK + 1)
             for first in range(0, len(probes), _CHUNK):
@@ -531,23 +553,46 @@ class LocationIndex:
             )
         return found
 
-    def references_many(self, rows: IntArray) -> list[list[Reference]]:
-        """``references`` of many rows at once."""
+    def _spans(self, rows: IntArray) -> tuple[IntArray, IntArray]:
+        """The first reference of each row and how many it has (reads the rows' records
+        when rows hold different numbers of references)."""
+        if self._depth is not None:
+            return rows * self._depth, np.full(len(rows), self._depth, dtype=np.int64)
+        starts = self._records["reference_start"][rows].astype(np.int64)
+        following = rows + 1
+        last = following >= self.rows
+        stops = np.empty(len(rows), dtype=np.int64)
+        stops[last] = self._reference_count
+        stops[~last] = self._records["reference_start"][following[~last]].astype(np.int64)
+        return starts, stops - starts
+
+    def prefetch_rows(self, rows: IntArray, attributed: IntArray | None = None) -> None:
+        """Ask for the records of ``rows`` that a read of them needs, without waiting:
+        with rows of one depth, only those of ``attributed`` (the rows whose attributes
+        are read; all when ``None``), as their references are found without them."""
+        if self._depth is None:
+            # A row's references end where the next row's start: both records are read.
+            self._prefetch("rows", rows, np.minimum(rows + 2, self.rows))
+        else:
+            wanted = rows if attributed is None else attributed
+            self._prefetch("rows", wanted, wanted + 1)
+
+    def prefetch_references(self, rows: IntArray) -> None:
+        """Ask for the references of ``rows``, without waiting (where rows hold different
+        numbers of references, this reads their records: ask for those first)."""
+        if len(rows):
+            starts, counts = self._spans(rows)
+            self._prefetch("references", starts, starts + counts)
+
+    def references_many(self, rows: IntArray, *, prefetched: bool = False) -> list[list[Reference]]:
+        """``references`` of many rows at once (``prefetched``: the caller already asked
+        for their pages, with ``prefetch_rows`` and ``prefetch_references``)."""
         if len(rows) == 0:
             return []
-        if self._depth is not None:
-            starts = rows * self._depth
-            counts = np.full(len(rows), self._depth, dtype=np.int64)
-        else:
-            starts = self._records["reference_start"][rows].astype(np.int64)
-            following = rows + 1
-            last = following >= self.rows
-            stops = np.empty(len(rows), dtype=np.int64)
-            stops[last] = self._reference_count
-            stops[~last] = self._records["reference_start"][following[~last]].astype(np.int64)
-            counts = stops - starts
-        self._prefetch("rows", rows, rows + 1)
-        self._prefetch("references", starts, starts + counts)
+        if not prefetched:
+            self.prefetch_rows(rows)
+            self.prefetch_references(rows)
+        starts, counts = self._spans(rows)
         picked = self._references[_ranges(starts, counts)]
         targets = picked["target"].tolist()
         positions = (picked["position"].astype(np.uint64) + np.uint64(self._position_base)).tolist()

@@ -21,6 +21,7 @@ from eventindex.creator import create_generated
 from eventindex.generator import GeneratorSpec
 from eventindex.query import Reader
 from eventindex.storage import MapFileReader
+from eventindex.storage.locations import LocationIndex
 from spark_jobs.locations import locations_files, plan_locations, run_locations
 from tests.generated_store import GeneratedStore
 from tests.query.test_reader import (
@@ -84,6 +85,47 @@ def test_no_parquet_is_read(store: GeneratedStore, monkeypatch: pytest.MonkeyPat
             if picked is not None:
                 assert locations(picked) == expected_locations(store, *key)
         reader.lookup(store.spec.collection, keys)
+
+
+def test_a_lookup_asks_for_every_files_pages_before_reading_any(
+    store: GeneratedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cold, the reads of all files then overlap: the batch waits for the disk once per
+    stage (keys, records, references), not once per file."""
+    calls: list[tuple[str, bool]] = []
+    for name in ("prefetch_keys", "prefetch_rows", "prefetch_references"):
+        real = getattr(LocationIndex, name)
+
+        def asked(self: LocationIndex, *args: Any, _real: Any = real, _name: str = name) -> None:
+            calls.append((_name, False))
+            _real(self, *args)
+
+        monkeypatch.setattr(LocationIndex, name, asked)
+    for name in ("find_many", "references_many"):
+        real = getattr(LocationIndex, name)
+
+        def read(
+            self: LocationIndex, *args: Any, _real: Any = real, _name: str = name, **kwargs: Any
+        ) -> Any:
+            calls.append((_name, bool(kwargs.get("prefetched"))))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(LocationIndex, name, read)
+    keys = sample_keys(store, 100)
+    with Reader(store.catalog) as reader:
+        assert reader.located(store.spec.collection)
+        answers = reader.lookup(store.spec.collection, keys)
+    assert sum(a is not None for a in answers) >= 100
+    names = [name for name, _ in calls]
+    assert all(prefetched for name, prefetched in calls if not name.startswith("prefetch"))
+    stages = ["prefetch_keys", "find_many", "prefetch_rows", "prefetch_references"]
+    last = 0
+    for stage in stages:  # each stage for every file before the next stage begins
+        first = names.index(stage)
+        assert first >= last
+        last = len(names) - names[::-1].index(stage)
+    assert names.count("references_many") == names.count("prefetch_references") > 1
+    assert min(i for i, n in enumerate(names) if n == "references_many") >= last
 
 
 def test_verify_accepts_locations_files(store: GeneratedStore) -> None:

@@ -91,6 +91,57 @@ def test_every_row_reads_back(tmp_path: Path, depths: list[int]) -> None:
         assert index.find_many(runs, events).tolist() == every.tolist()
 
 
+@pytest.mark.parametrize("depths", [[2] * 40, [i % 4 for i in range(40)]], ids=["fixed", "varying"])
+def test_prefetching_asks_for_the_pages_a_read_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depths: list[int]
+) -> None:
+    rows = _rows(depths)
+    info = write_locations(_table(rows), str(tmp_path / "f.locations"), ATTRIBUTES)
+    runs = np.array([r["run_number"] for r in rows], dtype=np.uint32)
+    events = np.array([r["event_number"] for r in rows], dtype=np.uint64)
+    with LocationIndex(info.uri) as index:
+        asked: list[tuple[str, list[int], list[int]]] = []
+        real = index._prefetch
+
+        def record(section: str, starts: Any, stops: Any) -> None:
+            asked.append((section, starts.tolist(), stops.tolist()))
+            real(section, starts, stops)  # the real madvise, on a real mapping
+
+        monkeypatch.setattr(index, "_prefetch", record)
+        index.prefetch_keys(runs, events)
+        assert {section for section, _, _ in asked} == {"events"}
+        assert len(asked) == len(set(runs.tolist())), "one request per run segment"
+        found = index.find_many(runs, events, prefetched=True)
+        assert found.tolist() == list(range(len(rows)))
+        spans = [(a, b) for _, starts, stops in asked for a, b in zip(starts, stops, strict=True)]
+        assert all(any(a <= row < b for a, b in spans) for row in found.tolist())
+        asked.clear()
+        index.find_many(runs, events, prefetched=True)
+        assert asked == [], "prefetched: find_many asks for nothing again"
+
+        picked = np.arange(len(rows))[::3]
+        attributed = picked[::2]
+        index.prefetch_rows(picked, attributed)
+        index.prefetch_references(picked)
+        (rows_asked, references_asked) = asked
+        if depths[0] == depths[-1] == 2:  # one depth: only the attributed rows' records
+            assert rows_asked == ("rows", attributed.tolist(), (attributed + 1).tolist())
+        else:  # where a row's references end is in the next row's record
+            following = np.minimum(picked + 2, len(rows))
+            assert rows_asked == ("rows", picked.tolist(), following.tolist())
+        starts = np.cumsum([0, *depths])
+        assert references_asked == (
+            "references",
+            starts[picked].tolist(),
+            starts[picked + 1].tolist(),
+        )
+        asked.clear()
+        assert index.references_many(picked, prefetched=True) == [
+            index.references(i) for i in picked.tolist()
+        ]
+        assert asked == []
+
+
 def test_absent_keys(tmp_path: Path) -> None:
     rows = _rows([1] * 10)
     info = write_locations(_table(rows), str(tmp_path / "f.locations"), ATTRIBUTES)
