@@ -12,25 +12,29 @@ one, never both, never neither). A failed job removes what it wrote.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from catalog.base import Catalog
-from catalog.fileset import FilesetWriter
-from catalog.model import FileKind, FileState, TagFile, new_file_id
-from eventindex.errors import NotFoundError
+from catalog.model import Dataset, TagFile
 from eventindex.query.trigger_index import (
     INDEX_COLUMNS,
     INDEX_KEY,
     INDEX_PART,
-    MASTER_ATTRIBUTE,
     build_trigger_index,
 )
 from eventindex.storage import MapFileReader, WriteOptions, write_mapfile
-from spark_jobs.fanout import fan_out, forget
+from spark_jobs.sidecars import (
+    SidecarResult,
+    SidecarSummary,
+    matching_datasets,
+    plan_sidecars,
+    run_sidecars,
+    sidecar_entry,
+    sidecar_files,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -53,26 +57,17 @@ class IndexTask:
 
 
 @dataclass(frozen=True)
-class IndexResult:
-    task: IndexTask
-    rows: int
-    bytes: int
-    checksum: str
-    key_min: tuple[int, ...]
-    key_max: tuple[int, ...]
+class IndexResult(SidecarResult[IndexTask]):
+    """A written trigger index, and how many events its master holds."""
+
     events: int
-    seconds: float
 
 
 @dataclass
-class IndexSummary:
-    files: int = 0
+class IndexSummary(SidecarSummary):
     events: int = 0
     index_bytes: int = 0
     bitmaps: int = 0
-    seconds: float = 0.0
-    transform_seconds: float = 0.0
-    skipped: int = 0
     indexes: list[TagFile] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,21 +78,13 @@ class IndexSummary:
             "index_bytes": self.index_bytes,
             "bytes_per_event": self.index_bytes / self.events if self.events else 0.0,
             "skipped_already_indexed": self.skipped,
-            "seconds": round(self.seconds, 3),
-            "transform_seconds": round(self.transform_seconds, 3),
-            "events_per_second_per_core": (
-                round(self.events / self.transform_seconds) if self.transform_seconds else 0
-            ),
+            **self.timings("events", self.events),
         }
 
 
 def trigger_indexes(catalog: Catalog, dataset: str | None = None) -> dict[str, list[TagFile]]:
     """Committed trigger index entries by the master file id they index."""
-    found: dict[str, list[TagFile]] = {}
-    for entry in catalog.list_tagfiles(dataset=dataset, kinds=[FileKind.INDEX]):
-        if entry.part == INDEX_PART and MASTER_ATTRIBUTE in entry.attributes:
-            found.setdefault(entry.attributes[MASTER_ATTRIBUTE], []).append(entry)
-    return found
+    return sidecar_files(catalog, INDEX_PART, dataset)
 
 
 def plan_index(
@@ -109,34 +96,22 @@ def plan_index(
     rebuild: bool = False,
 ) -> tuple[list[IndexTask], int]:
     """The master files to index (and how many already have an index and are skipped)."""
-    datasets = [
-        d for d in catalog.list_datasets(collection) if fnmatch.fnmatchcase(d.name, dataset_pattern)
-    ]
-    if not datasets:
-        raise NotFoundError(f"no dataset matches {dataset_pattern!r}")
-    writer = FilesetWriter(catalog, store_root)
-    tasks: list[IndexTask] = []
-    skipped = 0
-    for dataset in datasets:
-        existing = trigger_indexes(catalog, dataset.name)
-        for master in catalog.list_tagfiles(dataset=dataset.name, kinds=[FileKind.MASTER]):
-            previous = existing.get(master.file_id, [])
-            if previous and not rebuild:
-                skipped += 1
-                continue
-            index_id = new_file_id()
-            tasks.append(
-                IndexTask(
-                    master_id=master.file_id,
-                    master_uri=master.uri,
-                    master_rows=master.rows,
-                    dataset=dataset.name,
-                    index_id=index_id,
-                    index_uri=writer.uri_for(dataset, FileKind.INDEX, index_id, INDEX_PART),
-                    replaces=tuple(p.file_id for p in previous),
-                )
-            )
-    return tasks, skipped
+    datasets = matching_datasets(catalog, dataset_pattern, collection)
+
+    def task(
+        dataset: Dataset, master: TagFile, index_id: str, uri: str, replaces: tuple[str, ...]
+    ) -> IndexTask:
+        return IndexTask(
+            master_id=master.file_id,
+            master_uri=master.uri,
+            master_rows=master.rows,
+            dataset=dataset.name,
+            index_id=index_id,
+            index_uri=uri,
+            replaces=replaces,
+        )
+
+    return plan_sidecars(catalog, store_root, datasets, INDEX_PART, task, rebuild=rebuild)
 
 
 def index_file(task: IndexTask) -> IndexResult:
@@ -153,28 +128,26 @@ def index_file(task: IndexTask) -> IndexResult:
         metadata={"dataset": task.dataset, "file_id": task.index_id, "master": task.master_id},
     )
     return IndexResult(
-        task,
-        info.rows,
-        info.bytes,
-        info.checksum,
-        info.key_min,
-        info.key_max,
-        table.num_rows,
-        time.perf_counter() - start,
+        task=task,
+        rows=info.rows,
+        bytes=info.bytes,
+        checksum=info.checksum,
+        key_min=info.key_min,
+        key_max=info.key_max,
+        seconds=time.perf_counter() - start,
+        events=table.num_rows,
     )
 
 
 def _entry(catalog: Catalog, task: IndexTask) -> TagFile:
-    dataset = catalog.get_dataset(task.dataset)
-    return TagFile(
+    return sidecar_entry(
         file_id=task.index_id,
         dataset=task.dataset,
-        collection=dataset.collection,
-        kind=FileKind.INDEX,
+        collection=catalog.get_dataset(task.dataset).collection,
         uri=task.index_uri,
         part=INDEX_PART,
-        state=FileState.WRITING,
-        attributes={MASTER_ATTRIBUTE: task.master_id, "master_rows": str(task.master_rows)},
+        master_id=task.master_id,
+        attributes={"master_rows": str(task.master_rows)},
     )
 
 
@@ -187,40 +160,23 @@ def run_index(
 ) -> IndexSummary:
     """Index every task's master file (on Spark executors when ``spark`` is given, else in
     this process) and commit each index in the catalog as it is written."""
-    start = time.perf_counter()
-    summary = IndexSummary(indexes=[])
-    if not tasks:
-        return summary
-    entries = {task.index_id: _entry(catalog, task) for task in tasks}
-    catalog.add_tagfiles(list(entries.values()))
-    committed: set[str] = set()
-    try:
-        for result in fan_out(spark, tasks, index_file):
-            entry = catalog.commit_tagfile(
-                replace(
-                    entries[result.task.index_id],
-                    rows=result.rows,
-                    bytes=result.bytes,
-                    checksum=result.checksum,
-                    key_min=result.key_min,
-                    key_max=result.key_max,
-                    state=FileState.COMMITTED,
-                    committed_at=time.time(),
-                    supersedes=result.task.replaces,
-                )
-            )
-            committed.add(entry.file_id)
-            assert summary.indexes is not None
-            summary.indexes.append(entry)
-            summary.files += 1
-            summary.events += result.events
-            summary.index_bytes += result.bytes
-            summary.bitmaps += result.rows
-            summary.transform_seconds += result.seconds
-            if progress is not None:
-                progress(result)
-    except BaseException:
-        forget(catalog, [e for i, e in entries.items() if i not in committed])
-        raise
-    summary.seconds = time.perf_counter() - start
+    indexes: list[TagFile] = []
+    summary = IndexSummary(indexes=indexes)
+
+    def add(entry: TagFile, result: IndexResult) -> None:
+        indexes.append(entry)
+        summary.events += result.events
+        summary.index_bytes += result.bytes
+        summary.bitmaps += result.rows
+
+    run_sidecars(
+        catalog,
+        tasks,
+        lambda task: _entry(catalog, task),
+        index_file,
+        summary,
+        add,
+        spark=spark,
+        progress=progress,
+    )
     return summary

@@ -15,21 +15,26 @@ A failed job removes what it wrote.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from catalog.base import Catalog
-from catalog.fileset import FilesetWriter
-from catalog.model import FileKind, FileState, TagFile, new_file_id
-from eventindex.errors import NotFoundError
+from catalog.model import Dataset, TagFile
 from eventindex.query.reader import LOCATION_ATTRIBUTES
-from eventindex.records.schema import EVENT_KEY, RecordKind
+from eventindex.records.schema import EVENT_KEY
 from eventindex.storage import MapFileReader
 from eventindex.storage.locations import LOCATIONS_PART, MASTER_ATTRIBUTE, write_locations
-from spark_jobs.fanout import fan_out, forget
+from spark_jobs.sidecars import (
+    SidecarResult,
+    SidecarSummary,
+    matching_datasets,
+    plan_sidecars,
+    run_sidecars,
+    sidecar_entry,
+    sidecar_files,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -51,24 +56,14 @@ class LocationsTask:
 
 
 @dataclass(frozen=True)
-class LocationsResult:
-    task: LocationsTask
-    rows: int
-    bytes: int
-    checksum: str
-    key_min: tuple[int, ...]
-    key_max: tuple[int, ...]
-    seconds: float
+class LocationsResult(SidecarResult[LocationsTask]):
+    """A written locations file."""
 
 
 @dataclass
-class LocationsSummary:
-    files: int = 0
+class LocationsSummary(SidecarSummary):
     rows: int = 0
     bytes: int = 0
-    seconds: float = 0.0
-    transform_seconds: float = 0.0
-    skipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,21 +72,13 @@ class LocationsSummary:
             "bytes": self.bytes,
             "bytes_per_row": round(self.bytes / self.rows, 2) if self.rows else 0.0,
             "skipped_already_built": self.skipped,
-            "seconds": round(self.seconds, 3),
-            "transform_seconds": round(self.transform_seconds, 3),
-            "rows_per_second_per_core": (
-                round(self.rows / self.transform_seconds) if self.transform_seconds else 0
-            ),
+            **self.timings("rows", self.rows),
         }
 
 
 def locations_files(catalog: Catalog, dataset: str | None = None) -> dict[str, list[TagFile]]:
     """Committed locations entries by the master file id they describe."""
-    found: dict[str, list[TagFile]] = {}
-    for entry in catalog.list_tagfiles(dataset=dataset, kinds=[FileKind.INDEX]):
-        if entry.part == LOCATIONS_PART and MASTER_ATTRIBUTE in entry.attributes:
-            found.setdefault(entry.attributes[MASTER_ATTRIBUTE], []).append(entry)
-    return found
+    return sidecar_files(catalog, LOCATIONS_PART, dataset)
 
 
 def plan_locations(
@@ -103,40 +90,23 @@ def plan_locations(
     rebuild: bool = False,
 ) -> tuple[list[LocationsTask], int]:
     """The master files of event datasets to describe (and how many already are)."""
-    kinds = {c.name: c.kind for c in catalog.list_collections()}
-    datasets = [
-        d
-        for d in catalog.list_datasets(collection)
-        if fnmatch.fnmatchcase(d.name, dataset_pattern)
-        and kinds.get(d.collection) is RecordKind.EVENTS
-    ]
-    if not datasets:
-        raise NotFoundError(f"no event dataset matches {dataset_pattern!r}")
-    writer = FilesetWriter(catalog, store_root)
-    tasks: list[LocationsTask] = []
-    skipped = 0
-    for dataset in datasets:
-        existing = locations_files(catalog, dataset.name)
-        for master in catalog.list_tagfiles(dataset=dataset.name, kinds=[FileKind.MASTER]):
-            previous = existing.get(master.file_id, [])
-            if previous and not rebuild:
-                skipped += 1
-                continue
-            locations_id = new_file_id()
-            uri = writer.uri_for(dataset, FileKind.INDEX, locations_id, LOCATIONS_PART)
-            tasks.append(
-                LocationsTask(
-                    master_id=master.file_id,
-                    master_uri=master.uri,
-                    dataset=dataset.name,
-                    collection=dataset.collection,
-                    locations_id=locations_id,
-                    # Not Parquet: named so that nothing takes it for a map-file.
-                    locations_uri=uri.removesuffix(".parquet") + f".{LOCATIONS_SUFFIX}",
-                    replaces=tuple(p.file_id for p in previous),
-                )
-            )
-    return tasks, skipped
+    datasets = matching_datasets(catalog, dataset_pattern, collection, events_only=True)
+
+    def task(
+        dataset: Dataset, master: TagFile, locations_id: str, uri: str, replaces: tuple[str, ...]
+    ) -> LocationsTask:
+        return LocationsTask(
+            master_id=master.file_id,
+            master_uri=master.uri,
+            dataset=dataset.name,
+            collection=dataset.collection,
+            locations_id=locations_id,
+            # Not Parquet: named so that nothing takes it for a map-file.
+            locations_uri=uri.removesuffix(".parquet") + f".{LOCATIONS_SUFFIX}",
+            replaces=replaces,
+        )
+
+    return plan_sidecars(catalog, store_root, datasets, LOCATIONS_PART, task, rebuild=rebuild)
 
 
 def locations_file(task: LocationsTask) -> LocationsResult:
@@ -155,13 +125,24 @@ def locations_file(task: LocationsTask) -> LocationsResult:
         },
     )
     return LocationsResult(
-        task,
-        info.rows,
-        info.bytes,
-        info.checksum,
-        info.key_min,
-        info.key_max,
-        time.perf_counter() - start,
+        task=task,
+        rows=info.rows,
+        bytes=info.bytes,
+        checksum=info.checksum,
+        key_min=info.key_min,
+        key_max=info.key_max,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _entry(task: LocationsTask) -> TagFile:
+    return sidecar_entry(
+        file_id=task.locations_id,
+        dataset=task.dataset,
+        collection=task.collection,
+        uri=task.locations_uri,
+        part=LOCATIONS_PART,
+        master_id=task.master_id,
     )
 
 
@@ -174,49 +155,13 @@ def run_locations(
 ) -> LocationsSummary:
     """Write every task's locations file (on Spark executors when ``spark`` is given,
     else in this process) and commit each in the catalog as it is written."""
-    start = time.perf_counter()
     summary = LocationsSummary()
-    if not tasks:
-        return summary
-    entries = {
-        task.locations_id: TagFile(
-            file_id=task.locations_id,
-            dataset=task.dataset,
-            collection=task.collection,
-            kind=FileKind.INDEX,
-            uri=task.locations_uri,
-            part=LOCATIONS_PART,
-            state=FileState.WRITING,
-            attributes={MASTER_ATTRIBUTE: task.master_id},
-        )
-        for task in tasks
-    }
-    catalog.add_tagfiles(list(entries.values()))
-    committed: set[str] = set()
-    try:
-        for result in fan_out(spark, tasks, locations_file):
-            entry = catalog.commit_tagfile(
-                replace(
-                    entries[result.task.locations_id],
-                    rows=result.rows,
-                    bytes=result.bytes,
-                    checksum=result.checksum,
-                    key_min=result.key_min,
-                    key_max=result.key_max,
-                    state=FileState.COMMITTED,
-                    committed_at=time.time(),
-                    supersedes=result.task.replaces,
-                )
-            )
-            committed.add(entry.file_id)
-            summary.files += 1
-            summary.rows += result.rows
-            summary.bytes += result.bytes
-            summary.transform_seconds += result.seconds
-            if progress is not None:
-                progress(result)
-    except BaseException:
-        forget(catalog, [e for i, e in entries.items() if i not in committed])
-        raise
-    summary.seconds = time.perf_counter() - start
+
+    def add(_entry: TagFile, result: LocationsResult) -> None:
+        summary.rows += result.rows
+        summary.bytes += result.bytes
+
+    run_sidecars(
+        catalog, tasks, _entry, locations_file, summary, add, spark=spark, progress=progress
+    )
     return summary
