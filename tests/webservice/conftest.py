@@ -13,6 +13,7 @@ import pytest
 
 from catalog.base import Catalog
 from eventindex.config import Settings, load_config
+from spark_jobs.indexer import plan_index, run_index
 from tests.generated_store import GeneratedStore
 from webservice.app import create_app
 from webservice.problems import PROBLEM_MEDIA_TYPE
@@ -109,3 +110,21 @@ def assert_problem(
         assert any(f == field and location in (None, loc) for f, loc in fields), (field, fields)
         assert field in problem["detail"], problem["detail"]
     return problem
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GeneratedStore]:
+    """A generated store whose RAW datasets carry trigger indexes (one per module)."""
+    store = GeneratedStore.create(tmp_path_factory.mktemp("trigger-indexed"))
+    tasks, _ = plan_index(store.catalog, str(store.root), "*.daq.RAW")
+    run_index(store.catalog, tasks)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def indexed_client(indexed: GeneratedStore) -> Iterator[TestClient]:
+    with make_client(service_settings(indexed), catalog=indexed.catalog) as opened:
+        yield opened

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from eventindex.query.triggers import TriggerIndex
-from spark_jobs.indexer import plan_index, run_index
 from tests.generated_store import GeneratedStore
-from tests.webservice.conftest import assert_problem, make_client, service_settings
-
-
-@pytest.fixture(scope="module")
-def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GeneratedStore]:
-    store = GeneratedStore.create(tmp_path_factory.mktemp("trigger-routes"))
-    tasks, _ = plan_index(store.catalog, str(store.root), "*.daq.RAW")
-    run_index(store.catalog, tasks)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-@pytest.fixture(scope="module")
-def trigger_client(indexed: GeneratedStore) -> Iterator[TestClient]:
-    with make_client(service_settings(indexed), catalog=indexed.catalog) as opened:
-        yield opened
+from tests.webservice.conftest import assert_problem
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +21,11 @@ def names(indexed: GeneratedStore) -> list[str]:
 
 
 def test_count_matches_the_query_module(
-    trigger_client: TestClient, indexed: GeneratedStore, names: list[str]
+    indexed_client: TestClient, indexed: GeneratedStore, names: list[str]
 ) -> None:
     expression = f"({names[0]} OR {names[2]}) AND NOT {names[3]}"
     first = indexed.spec.first_run
-    response = trigger_client.get(
+    response = indexed_client.get(
         "/v1/triggers/count",
         params={"expr": expression, "dataset": "*.daq.RAW", "run_min": first, "run_max": first},
     )
@@ -60,9 +41,9 @@ def test_count_matches_the_query_module(
 
 
 def test_overlap_matrix(
-    trigger_client: TestClient, indexed: GeneratedStore, names: list[str]
+    indexed_client: TestClient, indexed: GeneratedStore, names: list[str]
 ) -> None:
-    response = trigger_client.get(
+    response = indexed_client.get(
         "/v1/triggers/overlap", params={"trigger": names, "dataset": "*.daq.RAW"}
     )
     assert response.status_code == 200, response.text
@@ -72,7 +53,7 @@ def test_overlap_matrix(
     for i in range(4):
         assert matrix[i] == [row[i] for row in matrix]  # symmetric
         assert all(matrix[i][j] <= matrix[i][i] for j in range(4))
-    single = trigger_client.get(
+    single = indexed_client.get(
         "/v1/triggers/count", params={"expr": f"{names[0]} AND {names[2]}", "dataset": "*.daq.RAW"}
     )
     assert single.json()["passed"] == matrix[0][2]
@@ -89,21 +70,21 @@ def test_overlap_matrix(
     ],
 )
 def test_bad_count_requests_are_problems(
-    trigger_client: TestClient, params: dict[str, Any], status: int, field: str, words: str
+    indexed_client: TestClient, params: dict[str, Any], status: int, field: str, words: str
 ) -> None:
     problem = assert_problem(
-        trigger_client.get("/v1/triggers/count", params=params), status, field, "query"
+        indexed_client.get("/v1/triggers/count", params=params), status, field, "query"
     )
     assert words in problem["detail"]
 
 
-def test_unknown_dataset_is_404(trigger_client: TestClient, names: list[str]) -> None:
-    response = trigger_client.get(
+def test_unknown_dataset_is_404(indexed_client: TestClient, names: list[str]) -> None:
+    response = indexed_client.get(
         "/v1/triggers/count", params={"expr": names[0], "dataset": "nothing.*"}
     )
     problem = assert_problem(response, 404)
     assert "no dataset matches 'nothing.*'" in problem["detail"]
-    bad = trigger_client.get(
+    bad = indexed_client.get(
         "/v1/triggers/overlap", params={"trigger": [names[0], "A_B OR"], "dataset": "*"}
     )
     assert_problem(bad, 422, "trigger", "query")

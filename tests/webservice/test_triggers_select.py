@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
-from spark_jobs.indexer import plan_index, run_index
 from tests.generated_store import GeneratedStore
 from tests.query.test_trigger_select import brute_force
-from tests.webservice.conftest import assert_problem, make_client, service_settings
-
-
-@pytest.fixture(scope="module")
-def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GeneratedStore]:
-    store = GeneratedStore.create(tmp_path_factory.mktemp("select-triggers"))
-    tasks, _ = plan_index(store.catalog, str(store.root), "*.daq.RAW")
-    run_index(store.catalog, tasks)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-@pytest.fixture(scope="module")
-def select_client(indexed: GeneratedStore) -> Iterator[TestClient]:
-    with make_client(service_settings(indexed), catalog=indexed.catalog) as opened:
-        yield opened
+from tests.webservice.conftest import assert_problem
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +22,7 @@ def expression(indexed: GeneratedStore) -> str:
 
 @pytest.mark.parametrize("pattern", ["*.daq.RAW", "*.merge.AOD.r7562_p2521"])
 def test_the_stream_holds_the_passing_events_only(
-    select_client: TestClient, indexed: GeneratedStore, expression: str, pattern: str
+    indexed_client: TestClient, indexed: GeneratedStore, expression: str, pattern: str
 ) -> None:
     runs = indexed.spec.run_numbers
     body = {
@@ -51,7 +32,7 @@ def test_the_stream_holds_the_passing_events_only(
         "trigger": expression,
         "columns": ["smk"],
     }
-    response = select_client.post("/v1/events/select", json=body)
+    response = indexed_client.post("/v1/events/select", json=body)
     assert response.status_code == 200, response.text
     rows = [json.loads(line) for line in response.text.splitlines()]
     fmt, _, tag = pattern.split(".", 2)[-1].partition(".")
@@ -81,14 +62,14 @@ def test_the_stream_holds_the_passing_events_only(
     ],
 )
 def test_bad_expressions_are_problems_naming_the_field(
-    select_client: TestClient,
+    indexed_client: TestClient,
     indexed: GeneratedStore,
     trigger: str,
     status: int,
     words: str | None,
 ) -> None:
     run = indexed.spec.first_run
-    response = select_client.post(
+    response = indexed_client.post(
         "/v1/events/select", json={"run_min": run, "run_max": run, "trigger": trigger}
     )
     problem = assert_problem(response, status, "trigger", "body")
