@@ -45,7 +45,7 @@ GUIDS = (
 FORMATS = ("RAW", "ESD", "AOD", "DAOD_PHYS")
 MASKS = ("l1_tbp", "l1_tap", "l1_tav", "hlt_passed")
 VERSIONS = (1, 2)
-needs_zstd = pytest.mark.skipif(codec._ZSTD is None, reason="zstd is not available")
+needs_zstd = pytest.mark.skipif(codec.compression._ZSTD is None, reason="zstd is not available")
 
 
 def make_events(
@@ -289,7 +289,7 @@ def test_tiny_messages_stay_plain_json() -> None:
 def test_without_zstd_the_encoder_writes_deltas_and_plain_masks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(codec, "_ZSTD", None)
+    monkeypatch.setattr(codec.compression, "_ZSTD", None)
     n = 30
     table = make_events(n, event_base=4_294_000_000)
     table = replace(table, "timestamp", [1_444_700_000 + i // 15 for i in range(n)])
@@ -305,7 +305,7 @@ def test_without_zstd_the_encoder_writes_deltas_and_plain_masks(
 def test_without_zstd_few_distinct_masks_become_a_dictionary(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(codec, "_ZSTD", None)
+    monkeypatch.setattr(codec.compression, "_ZSTD", None)
     n = 40
     table = replace(make_events(n), "hlt_passed", [bytes([i % 2, 0, 0, 7]) for i in range(n)])
     doc = orjson.loads(encode_events(table, make_header(n)))
@@ -315,7 +315,7 @@ def test_without_zstd_few_distinct_masks_become_a_dictionary(
 
 
 def test_a_consumer_without_zstd_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(codec, "_ZSTD", None)
+    monkeypatch.setattr(codec.compression, "_ZSTD", None)
     error = rejects(VALID_V2)
     assert (error.field, error.reason) == (
         "z",
@@ -343,12 +343,14 @@ def test_ipc_assembly_matches_array_by_array_assembly(version: int) -> None:
     table = make_events(11, references=[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1], widths=(5, 0, 3, 9))
     payload = encode_events(table, make_header(11, version=version))
     _, fast = decode_events(payload)
-    assert codec._ASSEMBLER.use_ipc, "the Arrow IPC shortcut is off: decoding works, slower"
-    codec._ASSEMBLER.use_ipc = False
+    assert codec.assembly._ASSEMBLER.use_ipc, (
+        "the Arrow IPC shortcut is off: decoding works, slower"
+    )
+    codec.assembly._ASSEMBLER.use_ipc = False
     try:
         _, slow = decode_events(payload)
     finally:
-        codec._ASSEMBLER.use_ipc = True
+        codec.assembly._ASSEMBLER.use_ipc = True
     slow.validate(full=True)
     assert fast.equals(slow)
     assert fast.equals(table)
@@ -657,7 +659,7 @@ def test_version_1_refuses_the_encodings_of_version_2() -> None:
         error = rejects(mutated(setter(f"c.{name}", spec), VALID))
         assert (error.field, error.reason) == (
             name,
-            f"expected an array, got {codec._describe(spec)}",
+            f"expected an array, got {codec.wire._describe(spec)}",
         )
     error = rejects(mutated(setter("c.l1_tbp", {"w": 32, "k": "AAAA"}), VALID))
     assert (error.field, error.reason) == ("l1_tbp", "trigger mask: missing key 'b64'")
@@ -849,14 +851,14 @@ def packed(doc: dict[str, Any], names: Sequence[str], slots: Sequence[str] = ())
             if f"{k}.{key}" in slots:
                 block.append(struct.pack(f"<{len(slot[key])}{code}", *slot[key]))
                 slot[key] = {"z": "zstd"}
-    assert codec._ZSTD is not None
+    assert codec.compression._ZSTD is not None
     doc["z"] = zstd_text(b"".join(block))
     return doc
 
 
 def zstd_text(data: bytes) -> str:
-    assert codec._ZSTD is not None
-    return binascii.b2a_base64(codec._ZSTD.compress(data), newline=False).decode()
+    assert codec.compression._ZSTD is not None
+    return binascii.b2a_base64(codec.compression._ZSTD.compress(data), newline=False).decode()
 
 
 def decodes_like_plain(doc: dict[str, Any]) -> None:
@@ -985,7 +987,7 @@ def long_message(n: int, **columns: Any) -> bytes:
     return json.dumps(doc).encode()
 
 
-@pytest.mark.parametrize("n", [codec._NUMPY_DELTAS + 1, 1000])
+@pytest.mark.parametrize("n", [codec.arrays._NUMPY_DELTAS + 1, 1000])
 def test_long_delta_arrays_decode_like_short_ones(n: int) -> None:
     events = [1000 + 7 * i for i in range(n)]
     steps = [events[0]] + [7] * (n - 1)
@@ -1302,7 +1304,7 @@ def mangle(data: st.DataObject, doc: Any) -> None:
 
 
 MANGLED_BASES = [VALID, VALID_UNEVEN, VALID_MIXED, VALID_V2, as_version_2(VALID_UNEVEN)]
-if codec._ZSTD is not None:
+if codec.compression._ZSTD is not None:
     MANGLED_BASES += [
         orjson.dumps(packed(plain(), ["event_number", "l1_tbp", "mc_event_weight"], ["1.g"])),
         encode_events(realistic_table(50), make_header(50)),

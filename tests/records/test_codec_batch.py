@@ -202,7 +202,11 @@ def test_batch_decoding_equals_one_by_one_decoding(
 def block_doc() -> tuple[dict[str, Any], bytes]:
     """A message with bcid in the block, and the block's raw bytes."""
     doc = packed(plain(), ["bcid"])
-    raw = codec._ZSTD.decompress(binascii.a2b_base64(doc["z"]), 40) if codec._ZSTD else b""
+    raw = (
+        codec.compression._ZSTD.decompress(binascii.a2b_base64(doc["z"]), 40)
+        if codec.compression._ZSTD
+        else b""
+    )
     return doc, raw
 
 
@@ -213,8 +217,10 @@ def rejoined(*frames: bytes) -> str:
 @needs_zstd
 def test_the_block_is_exactly_one_frame() -> None:
     doc, raw = block_doc()
-    assert codec._ZSTD is not None
-    whole, head, tail = (codec._ZSTD.compress(part) for part in (raw, raw[:20], raw[20:]))
+    assert codec.compression._ZSTD is not None
+    whole, head, tail = (
+        codec.compression._ZSTD.compress(part) for part in (raw, raw[:20], raw[20:])
+    )
     for text in (rejoined(whole, b"\x00"), rejoined(head, tail), rejoined(whole, whole)):
         doc["z"] = text
         with pytest.raises(MessageError) as error:
@@ -231,7 +237,7 @@ def test_a_frame_without_a_declared_size_must_hold_exactly_the_arrays(extra: int
     doc, raw = block_doc()
     data = raw + bytes(extra) if extra >= 0 else raw[:extra]
     frame = zstandard.ZstdCompressor(write_content_size=False).compress(data)
-    assert codec._zstd_content_size(frame) is None
+    assert codec.compression._zstd_content_size(frame) is None
     doc["z"] = binascii.b2a_base64(frame, newline=False).decode()
     if ok:
         assert decode_events(orjson.dumps(doc))[1].equals(decode_events(PLAIN[2])[1])
@@ -270,20 +276,20 @@ def test_realistic_messages_are_cut_with_about_one_encode_each(
 ) -> None:
     table = realistic_table(3000, dataset=1)
     encodes = 0
-    encode = codec._EventColumns.encode
+    encode = codec.encode._EventColumns.encode
 
     def counted(self: Any, start: int, stop: int, header: Any) -> bytes:
         nonlocal encodes
         encodes += 1
         return encode(self, start, stop, header)
 
-    monkeypatch.setattr(codec._EventColumns, "encode", counted)
+    monkeypatch.setattr(codec.encode._EventColumns, "encode", counted)
     target = 10_000
     messages = list(encode_message_batches(table, make_header(0, message_id="fit"), target))
     sizes = [len(payload) for _, payload in messages]
     assert len(messages) >= 10
     assert max(sizes) <= target
-    assert min(sizes[:-1]) >= codec._FULL * target
+    assert min(sizes[:-1]) >= codec.encode._FULL * target
     assert sum(sizes[:-1]) / (len(sizes) - 1) >= 0.93 * target  # fuller on average
     # two probes per table, then about one encode per message
     assert encodes <= 2 + 1.35 * len(messages)
