@@ -26,7 +26,13 @@ from catalog.base import Catalog
 from catalog.fileset import absolute_uri
 from catalog.model import FileKind, FileState, TagFile
 from eventindex.errors import StorageError
-from eventindex.storage import MapFileReader, file_checksum, file_size, resolve
+from eventindex.storage import (
+    MapFileReader,
+    checksum_algorithm,
+    file_checksum,
+    file_size,
+    resolve,
+)
 from eventindex.storage.locations import LOCATIONS_PART, LocationIndex
 
 STALE_WRITING_SECONDS = 3600.0
@@ -106,7 +112,11 @@ def _check_file(
     if size != entry.bytes:
         problem("size_mismatch", f"catalog says {entry.bytes} bytes, file has {size}")
     try:
-        if checksums and entry.checksum and file_checksum(entry.uri) != entry.checksum:
+        if (
+            checksums
+            and entry.checksum
+            and file_checksum(entry.uri, checksum_algorithm(entry.checksum)) != entry.checksum
+        ):
             problem("checksum_mismatch", f"file content does not match checksum {entry.checksum}")
         if entry.kind is FileKind.INDEX and entry.part == LOCATIONS_PART:
             with LocationIndex(entry.uri) as located:  # not Parquet: a locations file

@@ -1,6 +1,7 @@
 """Map-file storage: sorted Parquet files with an in-memory key index, on pyarrow file systems."""
 
 from eventindex.storage.filesystem import (
+    checksum_algorithm,
     delete_file,
     exists,
     file_checksum,
@@ -29,6 +30,7 @@ __all__ = [
     "MapFileReader",
     "MapFileWriter",
     "WriteOptions",
+    "checksum_algorithm",
     "delete_file",
     "exists",
     "file_checksum",

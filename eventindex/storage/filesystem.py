@@ -4,15 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import xxhash
 
 from eventindex.errors import StorageError
 
-CHECKSUM_ALGORITHM = "blake2b"
+
+class Digest(Protocol):
+    """A running hash of bytes (hashlib's and xxhash's objects are both)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+# New files are checksummed with XXH3-128: it catches any damage as well as a
+# cryptographic hash (nothing here defends against a forger) at ~30x blake2b's
+# speed, which was 8 % of a partitioning job's CPU. Catalog entries name their
+# algorithm (``<algorithm>:<hex>``), so files checksummed with blake2b still verify.
+CHECKSUM_ALGORITHM = "xxh3-128"
+_DIGESTS: dict[str, Callable[[], Digest]] = {
+    "xxh3-128": xxhash.xxh3_128,
+    "blake2b": lambda: hashlib.blake2b(digest_size=16),
+}
 _CHUNK = 4 * 1024 * 1024
 _LOCAL = pafs.LocalFileSystem()
 
@@ -78,19 +98,37 @@ def exists(uri: str) -> bool:
     return bool(_info(uri).type == pafs.FileType.File)
 
 
-def file_checksum(uri: str) -> str:
-    """``blake2b:<hex>`` of the file's bytes (fast, and strong enough to catch any damage)."""
+def new_digest(algorithm: str = CHECKSUM_ALGORITHM) -> Digest:
+    """An empty running hash of a checksum algorithm (``StorageError`` if unknown)."""
+    try:
+        return _DIGESTS[algorithm]()
+    except KeyError:
+        raise StorageError(
+            f"unknown checksum algorithm {algorithm!r} (known: {sorted(_DIGESTS)})"
+        ) from None
+
+
+def checksum_algorithm(checksum: str) -> str:
+    """The algorithm a ``<algorithm>:<hex>`` checksum was made with."""
+    algorithm, sep, _ = checksum.partition(":")
+    if not sep or algorithm not in _DIGESTS:
+        raise StorageError(f"checksum {checksum!r} does not name a known algorithm")
+    return algorithm
+
+
+def file_checksum(uri: str, algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    """``<algorithm>:<hex>`` of the file's bytes, XXH3-128 unless told otherwise."""
     filesystem, path = resolve(uri)
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         raise StorageError(f"no such file: {uri}")
-    digest = hashlib.blake2b(digest_size=16)
+    digest = new_digest(algorithm)
     try:
         with filesystem.open_input_stream(path) as stream:
             while chunk := stream.read(_CHUNK):
                 digest.update(chunk)
     except (pa.ArrowException, OSError) as exc:
         raise StorageError(f"{uri}: cannot read: {exc}") from exc
-    return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+    return f"{algorithm}:{digest.hexdigest()}"
 
 
 def list_files(root: str, suffix: str = "") -> list[str]:

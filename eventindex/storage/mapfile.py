@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import hashlib
 import os
 import posixpath
 import queue
@@ -42,7 +41,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from eventindex.errors import StorageError
-from eventindex.storage.filesystem import CHECKSUM_ALGORITHM, resolve
+from eventindex.storage.filesystem import CHECKSUM_ALGORITHM, new_digest, resolve
 from eventindex.storage.keys import (
     EncodedKeys,
     decode_key,
@@ -104,12 +103,15 @@ class WriteOptions:
 # -- writing ----------------------------------------------------------------
 
 
+_SINK_BUFFER = 4 << 20
+
+
 class _HashingSink:
     """A file-like sink that hashes what passes through, so no re-read is needed."""
 
     def __init__(self, stream: pa.NativeFile) -> None:
         self._stream = stream
-        self._digest = hashlib.blake2b(digest_size=16)
+        self._digest = new_digest()
         self.size = 0
         self.closed = False
 
@@ -254,11 +256,17 @@ class MapFileWriter:
         self._temporary = posixpath.join(self._directory, f".{name}.{uuid.uuid4().hex}.tmp")
         compression = None if self.options.compression == "none" else self.options.compression
         self._sink: _HashingSink | None = None
+        self._stream: pa.NativeFile | None = None
         try:
             self._filesystem.create_dir(self._directory, recursive=True)
             self._sink = _HashingSink(self._filesystem.open_output_stream(self._temporary))
+            # The Parquet writer writes every page to its sink: buffered natively, the
+            # Python sink (which needs the GIL) is called once per few MiB, not per page.
+            self._stream = pa.BufferedOutputStream(
+                pa.PythonFile(self._sink, mode="w"), buffer_size=_SINK_BUFFER
+            )
             self._writer = pq.ParquetWriter(
-                self._sink,
+                self._stream,
                 self.schema,
                 compression=compression,
                 compression_level=self.options.compression_level if compression else None,
@@ -346,10 +354,11 @@ class MapFileWriter:
         }
         for name, value in self._extra_metadata.items():
             file_metadata[_META_PREFIX + name.encode()] = value.encode()
-        assert self._sink is not None
+        assert self._sink is not None and self._stream is not None
         try:
             self._writer.add_key_value_metadata(file_metadata)
             self._writer.close()
+            self._stream.close()
             self._sink.close()
             _fsync_local(self._filesystem, self._temporary)
             self._filesystem.move(self._temporary, self._path)
@@ -384,6 +393,9 @@ class MapFileWriter:
         self._discard()
 
     def _discard(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self._stream.close()
         if self._sink is not None:
             with contextlib.suppress(OSError):
                 self._sink.close()

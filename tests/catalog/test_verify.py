@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,7 +16,7 @@ import pytest
 from catalog import FileKind, FileState, TagFile, new_file_id
 from catalog.verify import STALE_WRITING_SECONDS, Severity, VerifyReport, verify_catalog
 from eventindex.generator import GeneratorSpec
-from eventindex.storage import MapFileReader
+from eventindex.storage import MapFileReader, file_checksum
 from tests.generated_store import GeneratedStore
 
 SPEC = GeneratorSpec(runs=1, events_per_run=1500)
@@ -276,3 +277,17 @@ def test_problems_serialise(store: GeneratedStore) -> None:
     text = report.to_text()
     assert "ERROR   missing_file" in text and "WARNING temporary_file" in text
     assert entry.uri in text
+
+
+def test_entries_checksummed_with_blake2b_still_verify(store: GeneratedStore) -> None:
+    """Catalogs written before XXH3-128 checksums keep verifying by their own algorithm."""
+    entry = raw_file(store)
+    assert entry.checksum.startswith("xxh3-128:")
+    legacy = file_checksum(entry.uri, "blake2b")
+    with sqlite3.connect(store.catalog_path) as connection:
+        connection.execute(
+            "UPDATE tagfiles SET checksum = ? WHERE file_id = ?", (legacy, entry.file_id)
+        )
+    assert verify(store).ok(strict=True)
+    flip_byte(Path(entry.uri), entry.bytes // 3)
+    assert_error(verify(store), "checksum_mismatch", entry)

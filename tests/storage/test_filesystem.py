@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import xxhash
 
 from eventindex.errors import StorageError
 from eventindex.storage import (
+    checksum_algorithm,
     delete_file,
     exists,
     file_checksum,
@@ -71,8 +73,10 @@ def test_size_existence_and_checksum(tmp_path: Path) -> None:
     for name in (str(path), f"file://{path}"):
         assert exists(name)
         assert file_size(name) == len(data)
+        assert file_checksum(name) == f"xxh3-128:{xxhash.xxh3_128(data).hexdigest()}"
         expected = hashlib.blake2b(data, digest_size=16).hexdigest()
-        assert file_checksum(name) == f"blake2b:{expected}"
+        assert file_checksum(name, "blake2b") == f"blake2b:{expected}"
+        assert checksum_algorithm(file_checksum(name, "blake2b")) == "blake2b"
     assert not exists(str(tmp_path))  # a directory is not a file
 
 
