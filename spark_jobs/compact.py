@@ -31,7 +31,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -45,8 +45,9 @@ from eventindex.errors import NotFoundError
 from eventindex.query.trigger_index import INDEX_PART
 from eventindex.storage import MapFileInfo, MapFileReader, WriteOptions, write_mapfile
 from eventindex.storage.merge import merge_tables, reorder_like
-from spark_jobs.fanout import fan_out, forget
-from spark_jobs.indexer import IndexTask, run_index, trigger_indexes
+from spark_jobs.fanout import committed, fan_out, forget
+from spark_jobs.indexer import run_index, trigger_indexes
+from spark_jobs.sidecars import SidecarTask
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -337,20 +338,6 @@ def _entries(catalog: Catalog, task: CompactTask) -> list[TagFile]:
     return entries
 
 
-def _committed(entry: TagFile, info: MapFileInfo, supersedes: tuple[str, ...] = ()) -> TagFile:
-    return replace(
-        entry,
-        rows=info.rows,
-        bytes=info.bytes,
-        checksum=info.checksum,
-        key_min=info.key_min,
-        key_max=info.key_max,
-        state=FileState.COMMITTED,
-        committed_at=time.time(),
-        supersedes=supersedes,
-    )
-
-
 def _inputs_live(catalog: Catalog, task: CompactTask) -> bool:
     return all(
         catalog.get_tagfile(item.file_id).state is FileState.COMMITTED for item in task.inputs
@@ -374,7 +361,7 @@ def run_compaction(
     entries = {task.output_id: _entries(catalog, task) for task in tasks}
     catalog.add_tagfiles([e for group in entries.values() for e in group])
     done: set[str] = set()
-    reindex: list[IndexTask] = []
+    reindex: list[SidecarTask] = []
     try:
         for result in fan_out(spark, tasks, compact_files):
             task = result.task
@@ -388,10 +375,10 @@ def run_compaction(
             old_parts = tuple(f for i in task.inputs for _, f, _ in i.extensions)
             old_indexes = tuple(f for i in task.inputs for f in i.indexes)
             superseded = tuple(i.file_id for i in task.inputs) + old_parts + old_indexes
-            commits = [_committed(e, result.parts[e.part]) for e in pending[:-1]]
-            commits.append(_committed(pending[-1], result.master, superseded))
+            commits = [committed(e, result.parts[e.part]) for e in pending[:-1]]
+            commits.append(committed(pending[-1], result.master, supersedes=superseded))
             try:
-                committed = catalog.commit_tagfiles(commits)
+                written = catalog.commit_tagfiles(commits)
             except SupersededError:
                 # Another job committed over an input since the check above.
                 forget(catalog, pending)
@@ -399,7 +386,7 @@ def run_compaction(
                 summary.conflicts.append(task.output_id)
                 continue
             done.add(task.output_id)
-            master = committed[-1]
+            master = written[-1]
             summary.outputs.append(master)
             summary.files_in += len(task.inputs)
             summary.files_out += 1
@@ -414,7 +401,7 @@ def run_compaction(
                 )
             summary.transform_seconds += result.seconds
             if index and old_indexes:
-                reindex.append(_index_task(task, master))
+                reindex.append(SidecarTask.of(master, INDEX_PART, task.index_id, task.index_uri))
             if progress is not None:
                 progress(result)
     except BaseException:
@@ -424,15 +411,3 @@ def run_compaction(
         summary.reindexed = run_index(catalog, reindex, spark=spark).files
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _index_task(task: CompactTask, master: TagFile) -> IndexTask:
-    return IndexTask(
-        master_id=master.file_id,
-        master_uri=master.uri,
-        master_rows=master.rows,
-        dataset=master.dataset,
-        index_id=task.index_id,
-        index_uri=task.index_uri,
-        replaces=(),
-    )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ from eventindex.query.consistency import (
 )
 from eventindex.query.triggers import RUN_NUMBER_MAX
 from eventindex.storage import WriteOptions, exists, write_mapfile
+from spark_jobs.fanout import committed
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -540,19 +541,5 @@ def store_reports(
             WriteOptions(row_group_rows=4096),
             metadata={REPORT_METADATA: json.dumps(entry_report, sort_keys=True)},
         )
-        stored.append(
-            catalog.commit_tagfile(
-                replace(
-                    entry,
-                    rows=info.rows,
-                    bytes=info.bytes,
-                    checksum=info.checksum,
-                    key_min=info.key_min,
-                    key_max=info.key_max,
-                    state=FileState.COMMITTED,
-                    committed_at=time.time(),
-                    supersedes=previous,
-                )
-            )
-        )
+        stored.append(catalog.commit_tagfile(committed(entry, info, supersedes=previous)))
     return stored

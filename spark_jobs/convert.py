@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +31,12 @@ import pyarrow.fs as pafs
 
 from catalog.base import Catalog
 from catalog.fileset import FilesetWriter, referenced_guids
-from catalog.model import FileKind, FileState, TagFile, new_file_id
+from catalog.model import FileKind, TagFile, new_file_id
 from eventindex.errors import NotFoundError, ValidationError
 from eventindex.storage import MapFileInfo, MapFileReader, WriteOptions, write_mapfile
 from eventindex.storage.filesystem import file_checksum, resolve
 from eventindex.storage.merge import merge_tables
-from spark_jobs.fanout import fan_out, forget
+from spark_jobs.fanout import committed, fan_out, forget
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -123,7 +123,8 @@ def plan_conversion(
     dataset = catalog.get_dataset(dataset_name)
     key = catalog.get_collection(dataset.collection).key
     files = input_files(paths)
-    ids = {str(f): MESSAGE_PREFIX + file_checksum(str(f.resolve())) for f in files}
+    # Ids stay blake2b, whatever new map-files use: inputs converted before keep their id.
+    ids = {str(f): MESSAGE_PREFIX + file_checksum(str(f.resolve()), "blake2b") for f in files}
     done = catalog.absorbed_message_ids(ids.values())
     todo = [f for f in files if ids[str(f)] not in done]
     writer = FilesetWriter(catalog, store_root)
@@ -207,17 +208,8 @@ def run_conversion(
                 done.add(task.output_id)
                 continue
             entry = catalog.commit_tagfile(
-                replace(
-                    entries[task.output_id],
-                    rows=info.rows,
-                    bytes=info.bytes,
-                    checksum=info.checksum,
-                    key_min=info.key_min,
-                    key_max=info.key_max,
-                    state=FileState.COMMITTED,
-                    committed_at=time.time(),
-                    message_ids=task.message_ids,
-                    guids=result.guids,
+                committed(
+                    entries[task.output_id], info, message_ids=task.message_ids, guids=result.guids
                 )
             )
             done.add(task.output_id)

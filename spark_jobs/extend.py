@@ -30,7 +30,7 @@ import operator
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,7 +39,7 @@ import pyarrow.dataset as pads
 
 from catalog.base import Catalog
 from catalog.fileset import FilesetWriter
-from catalog.model import FileKind, FileState, TagFile, new_file_id
+from catalog.model import FileKind, TagFile, new_file_id
 from eventindex.errors import NotFoundError, ValidationError
 from eventindex.query.extensions import MASTER_ATTRIBUTE
 from eventindex.records.schema import EVENT_SCHEMA, OBJECT_SCHEMA
@@ -52,7 +52,7 @@ from eventindex.storage.merge import (
     duplicate_extension_keys,
     encoded_keys,
 )
-from spark_jobs.fanout import fan_out, forget
+from spark_jobs.fanout import committed, fan_out, forget
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -389,19 +389,8 @@ def run_extension(
         commits = []
         for result in fan_out(spark, tasks, extend_file):
             info = result.info
-            commits.append(
-                replace(
-                    entries[result.task.output_id],
-                    rows=info.rows,
-                    bytes=info.bytes,
-                    checksum=info.checksum,
-                    key_min=info.key_min,
-                    key_max=info.key_max,
-                    state=FileState.COMMITTED,
-                    committed_at=time.time(),
-                    supersedes=result.task.replaces,
-                )
-            )
+            pending = entries[result.task.output_id]
+            commits.append(committed(pending, info, supersedes=result.task.replaces))
             summary.events += info.rows
             summary.bytes += info.bytes
             summary.events_without_values += result.missing

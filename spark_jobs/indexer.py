@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from catalog.base import Catalog
-from catalog.model import Dataset, TagFile
+from catalog.model import TagFile
 from eventindex.query.trigger_index import (
     INDEX_COLUMNS,
     INDEX_KEY,
@@ -29,10 +29,10 @@ from eventindex.storage import MapFileReader, WriteOptions, write_mapfile
 from spark_jobs.sidecars import (
     SidecarResult,
     SidecarSummary,
+    SidecarTask,
     matching_datasets,
     plan_sidecars,
     run_sidecars,
-    sidecar_entry,
     sidecar_files,
 )
 
@@ -44,20 +44,7 @@ INDEX_WRITE_OPTIONS = WriteOptions(row_group_rows=1024)
 
 
 @dataclass(frozen=True)
-class IndexTask:
-    """One master file to index, and where its index goes."""
-
-    master_id: str
-    master_uri: str
-    master_rows: int
-    dataset: str
-    index_id: str
-    index_uri: str
-    replaces: tuple[str, ...]  # index files of this master that the new one supersedes
-
-
-@dataclass(frozen=True)
-class IndexResult(SidecarResult[IndexTask]):
+class IndexResult(SidecarResult):
     """A written trigger index, and how many events its master holds."""
 
     events: int
@@ -94,27 +81,13 @@ def plan_index(
     *,
     collection: str | None = None,
     rebuild: bool = False,
-) -> tuple[list[IndexTask], int]:
+) -> tuple[list[SidecarTask], int]:
     """The master files to index (and how many already have an index and are skipped)."""
     datasets = matching_datasets(catalog, dataset_pattern, collection)
-
-    def task(
-        dataset: Dataset, master: TagFile, index_id: str, uri: str, replaces: tuple[str, ...]
-    ) -> IndexTask:
-        return IndexTask(
-            master_id=master.file_id,
-            master_uri=master.uri,
-            master_rows=master.rows,
-            dataset=dataset.name,
-            index_id=index_id,
-            index_uri=uri,
-            replaces=replaces,
-        )
-
-    return plan_sidecars(catalog, store_root, datasets, INDEX_PART, task, rebuild=rebuild)
+    return plan_sidecars(catalog, store_root, datasets, INDEX_PART, rebuild=rebuild)
 
 
-def index_file(task: IndexTask) -> IndexResult:
+def index_file(task: SidecarTask) -> IndexResult:
     """Executor side: index one master file and write its index map-file (atomically)."""
     start = time.perf_counter()
     with MapFileReader(task.master_uri) as reader:
@@ -122,38 +95,21 @@ def index_file(task: IndexTask) -> IndexResult:
     index = build_trigger_index(table)
     info = write_mapfile(
         index,
-        task.index_uri,
+        task.sidecar_uri,
         INDEX_KEY,
         INDEX_WRITE_OPTIONS,
-        metadata={"dataset": task.dataset, "file_id": task.index_id, "master": task.master_id},
+        metadata={"dataset": task.dataset, "file_id": task.sidecar_id, "master": task.master_id},
     )
-    return IndexResult(
-        task=task,
-        rows=info.rows,
-        bytes=info.bytes,
-        checksum=info.checksum,
-        key_min=info.key_min,
-        key_max=info.key_max,
-        seconds=time.perf_counter() - start,
-        events=table.num_rows,
-    )
+    return IndexResult(task, info, time.perf_counter() - start, events=table.num_rows)
 
 
-def _entry(catalog: Catalog, task: IndexTask) -> TagFile:
-    return sidecar_entry(
-        file_id=task.index_id,
-        dataset=task.dataset,
-        collection=catalog.get_dataset(task.dataset).collection,
-        uri=task.index_uri,
-        part=INDEX_PART,
-        master_id=task.master_id,
-        attributes={"master_rows": str(task.master_rows)},
-    )
+def _attributes(task: SidecarTask) -> dict[str, str]:
+    return {"master_rows": str(task.master_rows)}
 
 
 def run_index(
     catalog: Catalog,
-    tasks: Sequence[IndexTask],
+    tasks: Sequence[SidecarTask],
     *,
     spark: SparkSession | None = None,
     progress: Callable[[IndexResult], None] | None = None,
@@ -166,16 +122,16 @@ def run_index(
     def add(entry: TagFile, result: IndexResult) -> None:
         indexes.append(entry)
         summary.events += result.events
-        summary.index_bytes += result.bytes
-        summary.bitmaps += result.rows
+        summary.index_bytes += result.info.bytes
+        summary.bitmaps += result.info.rows
 
     run_sidecars(
         catalog,
         tasks,
-        lambda task: _entry(catalog, task),
         index_file,
         summary,
         add,
+        attributes=_attributes,
         spark=spark,
         progress=progress,
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from catalog.base import Catalog
-from catalog.model import Dataset, TagFile
+from catalog.model import TagFile
 from eventindex.query.reader import LOCATION_ATTRIBUTES
 from eventindex.records.schema import EVENT_KEY
 from eventindex.storage import MapFileReader
@@ -29,35 +29,18 @@ from eventindex.storage.locations import LOCATIONS_PART, MASTER_ATTRIBUTE, write
 from spark_jobs.sidecars import (
     SidecarResult,
     SidecarSummary,
+    SidecarTask,
     matching_datasets,
     plan_sidecars,
     run_sidecars,
-    sidecar_entry,
     sidecar_files,
 )
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-LOCATIONS_SUFFIX = "locations"
-
-
-@dataclass(frozen=True)
-class LocationsTask:
-    """One master file, and where its locations file goes."""
-
-    master_id: str
-    master_uri: str
-    dataset: str
-    collection: str
-    locations_id: str
-    locations_uri: str
-    replaces: tuple[str, ...]  # locations files of this master that the new one supersedes
-
-
-@dataclass(frozen=True)
-class LocationsResult(SidecarResult[LocationsTask]):
-    """A written locations file."""
+# Not Parquet: named so that nothing takes a locations file for a map-file.
+LOCATIONS_SUFFIX = ".locations"
 
 
 @dataclass
@@ -88,80 +71,46 @@ def plan_locations(
     *,
     collection: str | None = None,
     rebuild: bool = False,
-) -> tuple[list[LocationsTask], int]:
+) -> tuple[list[SidecarTask], int]:
     """The master files of event datasets to describe (and how many already are)."""
     datasets = matching_datasets(catalog, dataset_pattern, collection, events_only=True)
-
-    def task(
-        dataset: Dataset, master: TagFile, locations_id: str, uri: str, replaces: tuple[str, ...]
-    ) -> LocationsTask:
-        return LocationsTask(
-            master_id=master.file_id,
-            master_uri=master.uri,
-            dataset=dataset.name,
-            collection=dataset.collection,
-            locations_id=locations_id,
-            # Not Parquet: named so that nothing takes it for a map-file.
-            locations_uri=uri.removesuffix(".parquet") + f".{LOCATIONS_SUFFIX}",
-            replaces=replaces,
-        )
-
-    return plan_sidecars(catalog, store_root, datasets, LOCATIONS_PART, task, rebuild=rebuild)
+    return plan_sidecars(
+        catalog, store_root, datasets, LOCATIONS_PART, suffix=LOCATIONS_SUFFIX, rebuild=rebuild
+    )
 
 
-def locations_file(task: LocationsTask) -> LocationsResult:
+def locations_file(task: SidecarTask) -> SidecarResult:
     """Executor side: describe one master file in its locations file (written atomically)."""
     start = time.perf_counter()
     with MapFileReader(task.master_uri) as reader:
         table = reader.read([*EVENT_KEY, *LOCATION_ATTRIBUTES, "references"])
     info = write_locations(
         table,
-        task.locations_uri,
+        task.sidecar_uri,
         LOCATION_ATTRIBUTES,
         metadata={
             "dataset": task.dataset,
-            "file_id": task.locations_id,
+            "file_id": task.sidecar_id,
             MASTER_ATTRIBUTE: task.master_id,
         },
     )
-    return LocationsResult(
-        task=task,
-        rows=info.rows,
-        bytes=info.bytes,
-        checksum=info.checksum,
-        key_min=info.key_min,
-        key_max=info.key_max,
-        seconds=time.perf_counter() - start,
-    )
-
-
-def _entry(task: LocationsTask) -> TagFile:
-    return sidecar_entry(
-        file_id=task.locations_id,
-        dataset=task.dataset,
-        collection=task.collection,
-        uri=task.locations_uri,
-        part=LOCATIONS_PART,
-        master_id=task.master_id,
-    )
+    return SidecarResult(task, info, time.perf_counter() - start)
 
 
 def run_locations(
     catalog: Catalog,
-    tasks: Sequence[LocationsTask],
+    tasks: Sequence[SidecarTask],
     *,
     spark: SparkSession | None = None,
-    progress: Callable[[LocationsResult], None] | None = None,
+    progress: Callable[[SidecarResult], None] | None = None,
 ) -> LocationsSummary:
     """Write every task's locations file (on Spark executors when ``spark`` is given,
     else in this process) and commit each in the catalog as it is written."""
     summary = LocationsSummary()
 
-    def add(_entry: TagFile, result: LocationsResult) -> None:
-        summary.rows += result.rows
-        summary.bytes += result.bytes
+    def add(_entry: TagFile, result: SidecarResult) -> None:
+        summary.rows += result.info.rows
+        summary.bytes += result.info.bytes
 
-    run_sidecars(
-        catalog, tasks, _entry, locations_file, summary, add, spark=spark, progress=progress
-    )
+    run_sidecars(catalog, tasks, locations_file, summary, add, spark=spark, progress=progress)
     return summary

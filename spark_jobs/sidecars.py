@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from catalog.base import Catalog
 from catalog.fileset import FilesetWriter
@@ -22,46 +23,73 @@ from catalog.model import Dataset, FileKind, FileState, TagFile, new_file_id
 from eventindex.errors import NotFoundError
 from eventindex.records.schema import RecordKind
 from eventindex.storage.locations import MASTER_ATTRIBUTE
-from spark_jobs.fanout import fan_out, forget
+from spark_jobs.fanout import WrittenFile, committed, fan_out, forget
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
-class SidecarTask(Protocol):
-    """A planned sidecar, naming the sidecars of its master that it supersedes."""
+@dataclass(frozen=True)
+class SidecarTask:
+    """One master file, and where its sidecar of ``part`` goes."""
 
-    @property
-    def replaces(self) -> tuple[str, ...]: ...
+    master_id: str
+    master_uri: str
+    master_rows: int
+    dataset: str
+    collection: str
+    part: str
+    sidecar_id: str
+    sidecar_uri: str
+    replaces: tuple[str, ...]  # sidecars of this master and part that the new one supersedes
 
-
-T = TypeVar("T", bound=SidecarTask)
+    @classmethod
+    def of(
+        cls,
+        master: TagFile,
+        part: str,
+        sidecar_id: str,
+        sidecar_uri: str,
+        replaces: tuple[str, ...] = (),
+    ) -> SidecarTask:
+        """The task that writes ``master``'s sidecar of ``part`` at ``sidecar_uri``."""
+        return cls(
+            master_id=master.file_id,
+            master_uri=master.uri,
+            master_rows=master.rows,
+            dataset=master.dataset,
+            collection=master.collection,
+            part=part,
+            sidecar_id=sidecar_id,
+            sidecar_uri=sidecar_uri,
+            replaces=replaces,
+        )
 
 
 @dataclass(frozen=True)
-class SidecarResult(Generic[T]):
+class SidecarResult:
     """What an executor reports for a written sidecar (the jobs add their own figures)."""
 
-    task: T
-    rows: int
-    bytes: int
-    checksum: str
-    key_min: tuple[int, ...]
-    key_max: tuple[int, ...]
+    task: SidecarTask
+    info: WrittenFile
     seconds: float
 
 
-R = TypeVar("R", bound=SidecarResult[Any])
+R = TypeVar("R", bound=SidecarResult)
 
 
 @dataclass
-class SidecarSummary:
+class SidecarSummary(ABC):
     """What every sidecar job reports; the jobs add their own figures."""
 
     files: int = 0
     seconds: float = 0.0
     transform_seconds: float = 0.0
     skipped: int = 0
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The figures to show: the job's own, then ``timings``."""
 
     def timings(self, unit: str, count: int) -> dict[str, Any]:
         """The wall and transform times, and ``count`` (of ``unit``) per transform second."""
@@ -108,14 +136,14 @@ def plan_sidecars(
     store_root: str,
     datasets: Iterable[Dataset],
     part: str,
-    task: Callable[[Dataset, TagFile, str, str, tuple[str, ...]], T],
     *,
+    suffix: str = ".parquet",
     rebuild: bool = False,
-) -> tuple[list[T], int]:
-    """``task(dataset, master, sidecar_id, sidecar_uri, replaces)`` for every master of
-    ``datasets`` that needs a sidecar, and how many were skipped as already having one."""
+) -> tuple[list[SidecarTask], int]:
+    """A task for every master of ``datasets`` that needs a sidecar of ``part`` (a file
+    named ``<part>.<id><suffix>``), and how many were skipped as already having one."""
     writer = FilesetWriter(catalog, store_root)
-    tasks: list[T] = []
+    tasks: list[SidecarTask] = []
     skipped = 0
     for dataset in datasets:
         existing = sidecar_files(catalog, part, dataset.name)
@@ -126,69 +154,52 @@ def plan_sidecars(
                 continue
             sidecar_id = new_file_id()
             uri = writer.uri_for(dataset, FileKind.INDEX, sidecar_id, part)
-            tasks.append(task(dataset, master, sidecar_id, uri, tuple(p.file_id for p in previous)))
+            uri = uri.removesuffix(".parquet") + suffix
+            replaces = tuple(p.file_id for p in previous)
+            tasks.append(SidecarTask.of(master, part, sidecar_id, uri, replaces))
     return tasks, skipped
 
 
-def sidecar_entry(
-    *,
-    file_id: str,
-    dataset: str,
-    collection: str,
-    uri: str,
-    part: str,
-    master_id: str,
-    attributes: Mapping[str, str] | None = None,
-) -> TagFile:
-    """The ``writing`` catalog entry of a planned sidecar."""
+def _writing_entry(task: SidecarTask, attributes: Mapping[str, str]) -> TagFile:
     return TagFile(
-        file_id=file_id,
-        dataset=dataset,
-        collection=collection,
+        file_id=task.sidecar_id,
+        dataset=task.dataset,
+        collection=task.collection,
         kind=FileKind.INDEX,
-        uri=uri,
-        part=part,
+        uri=task.sidecar_uri,
+        part=task.part,
         state=FileState.WRITING,
-        attributes={MASTER_ATTRIBUTE: master_id, **(attributes or {})},
+        attributes={MASTER_ATTRIBUTE: task.master_id, **attributes},
     )
 
 
 def run_sidecars(
     catalog: Catalog,
-    tasks: Sequence[T],
-    entry: Callable[[T], TagFile],
-    write: Callable[[T], R],
+    tasks: Sequence[SidecarTask],
+    write: Callable[[SidecarTask], R],
     summary: SidecarSummary,
     add: Callable[[TagFile, R], None],
     *,
+    attributes: Callable[[SidecarTask], Mapping[str, str]] = lambda _task: {},
     spark: SparkSession | None = None,
     progress: Callable[[R], None] | None = None,
 ) -> None:
-    """Register every task's sidecar, run ``write`` per task (on the executors of
-    ``spark``, else here; a module-level function) and commit each sidecar as it arrives,
-    counting it in ``summary`` (the job's own figures through ``add``). On failure, the
-    sidecars not committed yet are removed."""
+    """Register every task's sidecar (its catalog entry with ``attributes(task)``), run
+    ``write`` per task (on the executors of ``spark``, else here; a module-level
+    function) and commit each sidecar as it arrives, counting it in ``summary`` (the
+    job's own figures through ``add``). On failure, the sidecars not committed yet are
+    removed."""
     start = time.perf_counter()
     if not tasks:
         return
-    entries = [entry(task) for task in tasks]
+    entries = [_writing_entry(task, attributes(task)) for task in tasks]
     catalog.add_tagfiles(entries)
     done: set[str] = set()
     try:
         # fan_out yields the results in task order.
         for task, pending, result in zip(tasks, entries, fan_out(spark, tasks, write), strict=True):
             written = catalog.commit_tagfile(
-                replace(
-                    pending,
-                    rows=result.rows,
-                    bytes=result.bytes,
-                    checksum=result.checksum,
-                    key_min=result.key_min,
-                    key_max=result.key_max,
-                    state=FileState.COMMITTED,
-                    committed_at=time.time(),
-                    supersedes=task.replaces,
-                )
+                committed(pending, result.info, supersedes=task.replaces)
             )
             done.add(written.file_id)
             summary.files += 1

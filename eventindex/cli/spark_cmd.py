@@ -8,7 +8,7 @@ commands, so ``eventindex --help`` starts no JVM.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from eventindex.config import Settings
     from eventindex.storage import WriteOptions
+    from spark_jobs.sidecars import SidecarSummary
 
 app = typer.Typer(help="Run the Spark jobs, one command per job.", no_args_is_help=True)
 
@@ -60,6 +61,20 @@ def spark_of(settings: Settings, local: bool) -> Iterator[SparkSession | None]:
         session.stop()
 
 
+@contextmanager
+def job_session(
+    settings: Settings, local: bool, output: OutputFormat, label: str, tasks: Sized
+) -> Iterator[tuple[SparkSession | None, Callable[[object], None]]]:
+    """The session a planned job runs on (none with --local or with no tasks), and a
+    progress callback that advances a bar on stderr (hidden with JSON output) per task."""
+    with (
+        spark_of(settings, local or not len(tasks)) as spark,
+        Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
+    ):
+        task = bar.add_task(label, total=len(tasks))
+        yield spark, lambda _result: bar.advance(task)
+
+
 def print_summary(summary: dict[str, Any], output: OutputFormat) -> None:
     if output is OutputFormat.JSON:
         print_json(summary)
@@ -67,6 +82,31 @@ def print_summary(summary: dict[str, Any], output: OutputFormat) -> None:
     for key, value in summary.items():
         shown = f"{value:,}" if isinstance(value, int) else str(value)
         stdout.print(f"{key:30} {shown}")
+
+
+def run_sidecar_job(
+    ctx: typer.Context,
+    plan: Callable[..., tuple[Sequence[object], int]],
+    run: Callable[..., SidecarSummary],
+    label: str,
+    *,
+    dataset: str,
+    collection: str | None,
+    rebuild: bool,
+    local: bool,
+    output: OutputFormat,
+) -> None:
+    """A job that writes a sidecar file per master file (``spark_jobs.sidecars``): plan,
+    run, and print the summary with the masters skipped as having one already."""
+    settings = state(ctx).settings
+    with catalog_of(settings) as catalog:
+        tasks, skipped = plan(
+            catalog, settings.store.root, dataset, collection=collection, rebuild=rebuild
+        )
+        with job_session(settings, local, output, label, tasks) as (spark, progress):
+            summary = run(catalog, tasks, spark=spark, progress=progress)
+        summary.skipped = skipped
+        print_summary(summary.to_dict(), output)
 
 
 @app.command("index")
@@ -84,21 +124,17 @@ def index(
     file of the matching datasets, and register it in the catalog."""
     from spark_jobs.indexer import plan_index, run_index
 
-    settings = state(ctx).settings
-    with catalog_of(settings) as catalog:
-        tasks, skipped = plan_index(
-            catalog, settings.store.root, dataset, collection=collection, rebuild=rebuild
-        )
-        with (
-            spark_of(settings, local or not tasks) as spark,
-            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
-        ):
-            task = bar.add_task("indexing files", total=len(tasks))
-            summary = run_index(
-                catalog, tasks, spark=spark, progress=lambda _result: bar.advance(task)
-            )
-        summary.skipped = skipped
-        print_summary(summary.to_dict(), output)
+    run_sidecar_job(
+        ctx,
+        plan_index,
+        run_index,
+        "indexing files",
+        dataset=dataset,
+        collection=collection,
+        rebuild=rebuild,
+        local=local,
+        output=output,
+    )
 
 
 @app.command("locations")
@@ -120,21 +156,17 @@ def locations(
     map-files until this runs again."""
     from spark_jobs.locations import plan_locations, run_locations
 
-    settings = state(ctx).settings
-    with catalog_of(settings) as catalog:
-        tasks, skipped = plan_locations(
-            catalog, settings.store.root, dataset, collection=collection, rebuild=rebuild
-        )
-        with (
-            spark_of(settings, local or not tasks) as spark,
-            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
-        ):
-            task = bar.add_task("describing files", total=len(tasks))
-            summary = run_locations(
-                catalog, tasks, spark=spark, progress=lambda _result: bar.advance(task)
-            )
-        summary.skipped = skipped
-        print_summary(summary.to_dict(), output)
+    run_sidecar_job(
+        ctx,
+        plan_locations,
+        run_locations,
+        "describing files",
+        dataset=dataset,
+        collection=collection,
+        rebuild=rebuild,
+        local=local,
+        output=output,
+    )
 
 
 @app.command("partition")
@@ -262,14 +294,8 @@ def compact(
             collection=collection,
             run_range=run_range,
         )
-        with (
-            spark_of(settings, local or not tasks) as spark,
-            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
-        ):
-            task = bar.add_task("compacting groups", total=len(tasks))
-            summary = run_compaction(
-                catalog, tasks, spark=spark, index=index, progress=lambda _r: bar.advance(task)
-            )
+        with job_session(settings, local, output, "compacting groups", tasks) as (spark, progress):
+            summary = run_compaction(catalog, tasks, spark=spark, index=index, progress=progress)
     print_summary(summary.to_dict(), output)
 
 
@@ -312,14 +338,8 @@ def convert(
             write_options(settings),
             target_bytes=settings.compaction.target_bytes,
         )
-        with (
-            spark_of(settings, local or not tasks) as spark,
-            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
-        ):
-            task = bar.add_task("converting files", total=len(tasks))
-            summary = run_conversion(
-                catalog, tasks, spark=spark, progress=lambda _r: bar.advance(task)
-            )
+        with job_session(settings, local, output, "converting files", tasks) as (spark, progress):
+            summary = run_conversion(catalog, tasks, spark=spark, progress=progress)
         summary.skipped_already_converted = skipped
     print_summary(summary.to_dict(), output)
 
@@ -372,12 +392,6 @@ def extend(
         tasks = plan_extension(
             catalog, settings.store.root, dataset, name, opened, write_options(settings)
         )
-        with (
-            spark_of(settings, local) as spark,
-            Progress(console=stderr, transient=True, disable=output is OutputFormat.JSON) as bar,
-        ):
-            task = bar.add_task("extending files", total=len(tasks))
-            summary = run_extension(
-                catalog, tasks, spark=spark, progress=lambda _r: bar.advance(task)
-            )
+        with job_session(settings, local, output, "extending files", tasks) as (spark, progress):
+            summary = run_extension(catalog, tasks, spark=spark, progress=progress)
     print_summary(summary.to_dict(), output)
