@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from types import TracebackType
 
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile
@@ -130,6 +130,27 @@ class Catalog(abc.ABC):
     @abc.abstractmethod
     def list_trigger_menus(self) -> list[TriggerMenu]:
         """All menus, sorted by (key, level)."""
+
+    # -- change detection --------------------------------------------------
+    @abc.abstractmethod
+    def change_token(self) -> Hashable:
+        """An opaque value that differs whenever the catalog has changed since it was read.
+
+        Cheap (microseconds to one round trip), so that a cache of listings can ask
+        it every second and list again only when it differs. The contract:
+
+        * Any write that changes what a listing returns, through this object or
+          any other (another connection, another process), makes later tokens
+          differ from earlier ones: collections and datasets created; TagFiles
+          added, committed, retired (or superseded), removed; menus stored.
+        * The change is visible to listings made after the token that shows it
+          was read. So a cache reads the token FIRST, then lists, and keeps the
+          token with what it listed: an equal token later means the listing is
+          still current.
+        * Tokens may change without a visible change (spurious changes cost a
+          listing, nothing else). Compare tokens of the same catalog object
+          only, with ``==``; their values mean nothing else.
+        """
 
     # -- lifecycle ---------------------------------------------------------
     @abc.abstractmethod

@@ -2,8 +2,8 @@
 
 Only the part of happybase's API that ``happybase_mock`` also has is used
 (``Connection.table/tables/create_table/delete_table``, ``Table.row/rows/scan/
-put/delete/batch``), so the same code runs against a real Thrift server and the
-mock. happybase is imported lazily, by ``HBaseCatalog.connect``.
+put/delete/batch/counter_inc``), so the same code runs against a real Thrift
+server and the mock. happybase is imported lazily, by ``HBaseCatalog.connect``.
 
 Tables (names start with ``table_prefix``). Key parts are joined with NUL, so
 names and ids must not contain NUL; numbers in keys are fixed-width hex, so
@@ -33,6 +33,8 @@ holdings                file_id                                   g:<guid>, i:<m
 guids                   guid                                      f:<file_id>
 messages                message_id                                f:<file_id>
 menus                   hex(key) NUL level                        m:doc
+changes                 ``catalog``                               c:writes (a counter: the
+                                                                  change token)
 ======================  ========================================  ==============================
 
 ``hex(k0)`` is ``k0 + 2**63`` in 17 hex digits, so signed int64 object ids and
@@ -72,6 +74,14 @@ other lands after that check, files only the later one superseded stay marked
 retired and their records unlisted until an operator re-commits them); its
 extension files, committed with it, stay committed, and ``catalog verify``
 reports them (their master is not committed).
+
+The change token (``Catalog.change_token``) is the counter ``changes[catalog]
+c:writes``, read with one get. Every writing operation increments it (an atomic
+``counter_inc``, so writers in several processes never lose a count) AFTER its
+writes, also when it failed part-way, so a reader that sees the new value lists
+what was written. A writer killed between its writes and the increment leaves
+its change unannounced until the next write; ``Reader.refresh`` (or the
+service's ``/v1/admin/refresh``) forces a listing meanwhile.
 
 Other limits of HBase through Thrift: two processes committing the same file
 id, or creating the same collection, at the same moment are not serialised
@@ -127,6 +137,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "guids": ("f",),
     "messages": ("f",),
     "menus": ("m",),
+    "changes": ("c",),
 }
 
 _DOC = b"m:doc"
@@ -137,6 +148,8 @@ _ROW = b"m:row"
 _K0_MAX = b"m:k0_max"
 _DATASET = b"m:dataset"
 _MARK = b"m:x"
+_CHANGES_ROW = b"catalog"
+_WRITES = b"c:writes"
 
 Cells = dict[bytes, bytes]
 
@@ -170,6 +183,9 @@ class HBaseTable(Protocol):
     def delete(self, row: bytes, columns: Sequence[bytes] | None = None) -> None: ...
 
     def batch(self, timestamp: int | None = None, batch_size: int | None = None) -> HBaseBatch: ...
+
+    # happybase returns the new value, happybase_mock None.
+    def counter_inc(self, row: bytes, column: bytes, value: int = 1) -> int | None: ...
 
 
 class HBaseConnection(Protocol):
@@ -341,6 +357,22 @@ class HBaseCatalog(Catalog):
             with self._translated():
                 yield
 
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around the writes of one operation (inside ``_op``): count a change after
+        them, also when they failed part-way, since what was written may show."""
+        try:
+            yield
+        except BaseException:
+            # Best effort: the operation's own error is the one to report.
+            with suppress(*self._errors):
+                self._count_change()
+            raise
+        self._count_change()
+
+    def _count_change(self) -> None:
+        self._tables["changes"].counter_inc(_CHANGES_ROW, _WRITES)
+
     def _get(self, table: str, row: bytes, columns: Sequence[bytes] | None = None) -> Cells:
         return dict(self._tables[table].row(row, columns=columns) or {})
 
@@ -387,7 +419,8 @@ class HBaseCatalog(Catalog):
                 "description": collection.description,
                 "created_at": collection.created_at,
             }
-            self._tables["collections"].put(key, {_DOC: _json(doc)})
+            with self._changing():
+                self._tables["collections"].put(key, {_DOC: _json(doc)})
 
     def get_collection(self, name: str) -> Collection:
         with self._op():
@@ -425,10 +458,11 @@ class HBaseCatalog(Catalog):
                 "created_at": dataset.created_at,
             }
             # Index row first: the dataset row is what makes the dataset exist.
-            self._tables["collection_datasets"].put(
-                _key(dataset.collection, dataset.name), {_MARK: b""}
-            )
-            self._tables["datasets"].put(key, {_DOC: _json(doc)})
+            with self._changing():
+                self._tables["collection_datasets"].put(
+                    _key(dataset.collection, dataset.name), {_MARK: b""}
+                )
+                self._tables["datasets"].put(key, {_DOC: _json(doc)})
 
     def get_dataset(self, name: str) -> Dataset:
         with self._op():
@@ -671,11 +705,12 @@ class HBaseCatalog(Catalog):
             superseded = {s for t in tagfiles for s in t.supersedes}
             check_batch_supersedes(tagfiles, set(self._stored(superseded)))
             plain = [t for t in tagfiles if t.state is not FileState.COMMITTED]
-            self._write_index(plain)
-            self._put_many("tagfiles", ((_tagfile_key(t), _tagfile_cells(t)) for t in plain))
-            for tagfile in tagfiles:
-                if tagfile.state is FileState.COMMITTED:
-                    self._apply(tagfile, None, *self._prepare(tagfile))
+            with self._changing():
+                self._write_index(plain)
+                self._put_many("tagfiles", ((_tagfile_key(t), _tagfile_cells(t)) for t in plain))
+                for tagfile in tagfiles:
+                    if tagfile.state is FileState.COMMITTED:
+                        self._apply(tagfile, None, *self._prepare(tagfile))
 
     def _write_index(self, tagfiles: Sequence[TagFile]) -> None:
         self._put_many(
@@ -850,13 +885,14 @@ class HBaseCatalog(Catalog):
                 for entry, olds, _ in prepared:
                     self._release(entry, olds)
                 raise
-            for number, (entry, olds, started) in enumerate(prepared):
-                try:
-                    self._apply(entry, stored.get(entry.file_id), olds, started)
-                except BaseException:
-                    for later, later_olds, _ in prepared[number + 1 :]:
-                        self._release(later, later_olds)
-                    raise
+            with self._changing():
+                for number, (entry, olds, started) in enumerate(prepared):
+                    try:
+                        self._apply(entry, stored.get(entry.file_id), olds, started)
+                    except BaseException:
+                        for later, later_olds, _ in prepared[number + 1 :]:
+                            self._release(later, later_olds)
+                        raise
         return entries
 
     def retire_tagfiles(self, file_ids: Iterable[str]) -> None:
@@ -875,23 +911,25 @@ class HBaseCatalog(Catalog):
                     f"TagFiles still being written cannot be retired: {', '.join(writing)}"
                 )
             now = time.time()
-            self._put_many(
-                "tagfiles",
-                (
+            effective = self._effective(list(stored.values()))
+            with self._changing():
+                self._put_many(
+                    "tagfiles",
                     (
-                        _tagfile_key(t),
-                        {
-                            _STATE: FileState.RETIRED.value.encode(),
-                            _RETIRED_AT: repr(
-                                now if t.retired_at is None else t.retired_at
-                            ).encode(),
-                        },
-                    )
-                    # The rule's state decides the time; the stored one what needs a write.
-                    for t in self._effective(list(stored.values()))
-                    if stored[t.file_id].state is FileState.COMMITTED or t.retired_at is None
-                ),
-            )
+                        (
+                            _tagfile_key(t),
+                            {
+                                _STATE: FileState.RETIRED.value.encode(),
+                                _RETIRED_AT: repr(
+                                    now if t.retired_at is None else t.retired_at
+                                ).encode(),
+                            },
+                        )
+                        # The rule's state decides the time; the stored one what needs a write.
+                        for t in effective
+                        if stored[t.file_id].state is FileState.COMMITTED or t.retired_at is None
+                    ),
+                )
 
     def remove_tagfile(self, file_id: str) -> None:
         with self._op():
@@ -900,20 +938,23 @@ class HBaseCatalog(Catalog):
                 raise CatalogError(f"TagFile {file_id} is committed; retire it before removing")
             key = file_id.encode()
             column = b"f:" + key
-            # The authoritative row goes first; index cells left by a crash
-            # after this point point at nothing, which readers skip.
-            self._tables["tagfiles"].delete(_tagfile_key(current))
-            self._tables["tagfile_by_id"].delete(key)
-            if current.key_min:
-                self._tables["keyrange"].delete(_keyrange_key(current))
-            holdings = self._get("holdings", key)
-            self._delete_present("guids", (g.encode() for g in _qualifiers(holdings, b"g")), column)
-            self._delete_present(
-                "messages", (m.encode() for m in _qualifiers(holdings, b"i")), column
-            )
-            self._delete_present("superseded", (o.encode() for o in current.supersedes), column)
-            if holdings:
-                self._tables["holdings"].delete(key)
+            with self._changing():
+                # The authoritative row goes first; index cells left by a crash
+                # after this point point at nothing, which readers skip.
+                self._tables["tagfiles"].delete(_tagfile_key(current))
+                self._tables["tagfile_by_id"].delete(key)
+                if current.key_min:
+                    self._tables["keyrange"].delete(_keyrange_key(current))
+                holdings = self._get("holdings", key)
+                self._delete_present(
+                    "guids", (g.encode() for g in _qualifiers(holdings, b"g")), column
+                )
+                self._delete_present(
+                    "messages", (m.encode() for m in _qualifiers(holdings, b"i")), column
+                )
+                self._delete_present("superseded", (o.encode() for o in current.supersedes), column)
+                if holdings:
+                    self._tables["holdings"].delete(key)
 
     # -- trigger menus -------------------------------------------------------
     def put_trigger_menu(self, menu: TriggerMenu) -> None:
@@ -931,7 +972,8 @@ class HBaseCatalog(Catalog):
                 "level": menu.level,
                 "bits": {str(b): n for b, n in menu.bits.items()},
             }
-            self._tables["menus"].put(key, {_DOC: _json(doc)})
+            with self._changing():
+                self._tables["menus"].put(key, {_DOC: _json(doc)})
 
     def get_trigger_menu(self, key: int, level: str) -> TriggerMenu:
         with self._op():
@@ -945,6 +987,14 @@ class HBaseCatalog(Catalog):
             rows = self._scan("menus")
         menus = [_menu_from(cells) for _, cells in rows if _DOC in cells]
         return sorted(menus, key=lambda m: (m.key, m.level))
+
+    # -- change detection ----------------------------------------------------
+    def change_token(self) -> int:
+        """The change counter (module doc): one get."""
+        with self._op():
+            value = self._get("changes", _CHANGES_ROW, [_WRITES]).get(_WRITES, b"")
+        # HBase stores a counter as a big-endian signed 64-bit integer.
+        return int.from_bytes(value, "big", signed=True) if value else 0
 
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:

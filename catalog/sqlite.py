@@ -24,6 +24,20 @@ Index rows for message ids and GUIDs are written when a file is committed. A
 file that supersedes others also inherits their index rows, because their
 records now live in it: a redelivered message stays absorbed, and a GUID lookup
 finds the compacted file, even after the old files are garbage-collected.
+
+The change token (``Catalog.change_token``) is ``PRAGMA data_version`` read on
+a second connection that never writes. ``data_version`` changes whenever
+ANOTHER connection commits to the file, and to the watching connection every
+writer is another: this object's own connection, other catalog objects and
+processes, older code, the sqlite3 shell. No writer needs to cooperate, and
+reading it costs no write: in WAL mode it is read from the shared WAL index, a
+few microseconds. The watcher has a lock of its own, so a token read never
+waits for a query of the main connection (listing a large catalog holds it for
+half a second). A generation row bumped by every write transaction would serve
+too, but only for writers that bump it, and would add a write to every
+transaction. A WAL checkpoint also changes ``data_version`` (a spurious change:
+one extra listing). An in-memory catalog has one connection, whose
+``total_changes`` (rows written) is the token.
 """
 
 from __future__ import annotations
@@ -272,6 +286,17 @@ class SQLiteCatalog(Catalog):
                 conn.close()
                 raise
         self._conn: sqlite3.Connection | None = conn
+        self._watch_lock = threading.Lock()
+        self._watcher: sqlite3.Connection | None = None
+        if not memory:
+            with _translated():
+                try:
+                    self._watcher = sqlite3.connect(
+                        path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                    )
+                except BaseException:
+                    conn.close()
+                    raise
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
@@ -714,6 +739,18 @@ class SQLiteCatalog(Catalog):
             rows = conn.execute("SELECT * FROM trigger_menus ORDER BY config_key, level").fetchall()
         return [_menu(row) for row in rows]
 
+    # -- change detection ----------------------------------------------------
+    def change_token(self) -> int:
+        """The watcher's ``data_version``, or ``total_changes`` in memory (module doc)."""
+        if self._watcher is None:
+            with self._read() as conn:
+                return conn.total_changes
+        with self._watch_lock, _translated():
+            watcher = self._watcher
+            if watcher is None or self._conn is None:
+                raise CatalogError(f"the SQLite catalog {self.path} is closed")
+            return int(watcher.execute("PRAGMA data_version").fetchone()[0])
+
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:
         with self._lock:
@@ -721,6 +758,11 @@ class SQLiteCatalog(Catalog):
                 conn, self._conn = self._conn, None
                 with _translated():
                     conn.close()
+        with self._watch_lock:
+            if self._watcher is not None:
+                watcher, self._watcher = self._watcher, None
+                with _translated():
+                    watcher.close()
 
 
 def _collection(row: sqlite3.Row) -> Collection:

@@ -20,7 +20,7 @@ import fnmatch
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -61,10 +61,12 @@ def live_extensions(catalog: Catalog, collection: str | None = None) -> list[Tag
 
 @dataclass
 class _Parts:
-    """The live extension files of one collection, sorted by first key."""
+    """The live extension files of one collection, sorted by first key, as listed when
+    the catalog's change token was ``token``."""
 
     loaded_at: float
     files: list[TagFile]
+    token: Hashable = None
     starts: EncodedKeys = field(init=False)
     ends: EncodedKeys = field(init=False)
 
@@ -85,7 +87,8 @@ class Extensions:
     """Looks up the extension columns of events; thread-safe, one per query engine.
 
     The list of live extension files of a collection is re-read from the
-    catalog when it is older than ``refresh_seconds``; open readers are shared
+    catalog when it is older than ``refresh_seconds`` and the catalog's change
+    token says the catalog changed since; open readers are shared
     through ``files`` (the Reader's pool) or a pool of its own.
     """
 
@@ -107,17 +110,38 @@ class Extensions:
             parts = self._parts.get(collection)
             if parts is None or time.monotonic() - parts.loaded_at >= self.refresh_seconds:
                 previous = parts.files if parts else []
+                token: Hashable = None
                 try:
+                    token = self.catalog.change_token()
+                    if parts is not None and token == parts.token:
+                        parts.loaded_at = time.monotonic()
+                        return parts
                     files = live_extensions(self.catalog, collection)
                 except EventIndexError as exc:
                     # A catalog outage must not fail picks: keep the list known (if any)
                     # and try again one refresh period later.
                     logger.warning("keeping the extension list of %s: %s", collection, exc)
-                    files = list(previous)
-                parts = _Parts(time.monotonic(), files)
+                    files, token = list(previous), None
+                parts = _Parts(time.monotonic(), files, token)
                 self._parts[collection] = parts
                 self._files.drop({e.file_id for e in previous} - {e.file_id for e in files})
         return parts
+
+    def reload(self, collection: str, token: Hashable) -> None:
+        """List the live extension files of ``collection`` unless the catalog is unchanged
+        (``token``, read before) since the list known. For an owner that refreshes in the
+        background (the Reader), so that lookups never wait for a listing; errors propagate.
+        """
+        parts = self._parts.get(collection)
+        if parts is not None and parts.token == token:
+            parts.loaded_at = time.monotonic()
+            return
+        files = live_extensions(self.catalog, collection)
+        with self._lock:
+            previous = self._parts.get(collection)
+            self._parts[collection] = _Parts(time.monotonic(), files, token)
+            if previous is not None:
+                self._files.drop({e.file_id for e in previous.files} - {e.file_id for e in files})
 
     def refresh(self) -> None:
         """Forget the file lists, so the next lookup re-reads the catalog."""

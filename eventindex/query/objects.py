@@ -18,7 +18,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,14 +257,16 @@ class ObjectCatalogs:
     """Every partitioned object table of a catalog, opened on first use.
 
     A name is a dataset (``sky.Object``) or an object collection holding one
-    director table (``sky``); ``None`` means the only such table. Tables are
-    reopened when older than ``refresh_seconds``, so newly partitioned data shows.
+    director table (``sky``); ``None`` means the only such table. Tables older
+    than ``refresh_seconds`` are reopened if the catalog's change token says it
+    changed since they were opened, so newly partitioned data shows.
     """
 
     def __init__(self, catalog: Catalog, *, refresh_seconds: float = 30.0) -> None:
         self.catalog = catalog
         self.refresh_seconds = refresh_seconds
-        self._tables: dict[str, tuple[float, ObjectTable]] = {}
+        # name -> (when last found current, the change token it was opened at, table)
+        self._tables: dict[str, tuple[float, Hashable, ObjectTable]] = {}
         self._lock = threading.Lock()
 
     def _object_tables(self, collection: str | None = None) -> list[Dataset]:
@@ -308,17 +310,23 @@ class ObjectCatalogs:
         with self._lock:
             cached = self._tables.get(name or "")
         if cached is not None and now - cached[0] < self.refresh_seconds:
-            return cached[1]
+            return cached[2]
+        # The token before opening: a change made meanwhile reopens it next time.
+        token = self.catalog.change_token()
+        if cached is not None and token == cached[1]:
+            with self._lock:
+                self._tables[name or ""] = (now, token, cached[2])
+            return cached[2]
         table = ObjectTable(self.catalog, self.resolve(name))
         with self._lock:
             # The table it replaces may be in use by another thread: its readers close
             # when the last user drops it.
-            self._tables[name or ""] = (now, table)
+            self._tables[name or ""] = (now, token, table)
         return table
 
     def close(self) -> None:
         with self._lock:
-            tables = [t for _, t in self._tables.values()]
+            tables = [t for _, _, t in self._tables.values()]
             self._tables.clear()
         for table in tables:
             table.close()

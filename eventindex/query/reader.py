@@ -1,11 +1,13 @@
 """The Reader: one logical record per event, gathered from every dataset that holds it.
 
-The committed master TagFiles of a collection are listed from the catalog at
-most once per ``refresh_seconds`` and kept in memory as an interval index
-sorted by first key, so finding the files that may hold a key is a bisect, not
-a catalog query. Map-file key indexes then say which of those files hold the
-key (no payload is read for that), and only the files that must be read are
-decoded.
+The committed master TagFiles of a collection are listed from the catalog and
+kept in memory as an interval index sorted by first key, so finding the files
+that may hold a key is a bisect, not a catalog query. Every ``refresh_seconds``
+a background thread asks the catalog's change token (microseconds) and lists
+again only if it changed: new files show within about a second, and a catalog
+nobody writes to costs a token read a second, not a listing. Map-file key
+indexes then say which of those files hold the key (no payload is read for
+that), and only the files that must be read are decoded.
 
 A record references every processing stage of its event (DESIGN.md §1, §3):
 an AOD record names its RAW file and entry too. So when a derived dataset holds
@@ -27,9 +29,10 @@ import contextlib
 import fnmatch
 import gc
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,10 +81,11 @@ RUN_NUMBER_MAX = 2**32 - 1
 EVENT_NUMBER_MAX = 2**64 - 1
 # Threads decoding the files of a pick side by side (a pick reads two or three).
 READ_THREADS = 8
-# A file list is refreshed at most once per this many times what listing it took, so a
-# catalog that is slow to list (hundreds of thousands of GUIDs) costs at most ~1% of a core
-# and seldom stalls the picks of its process (listing holds the GIL most of the time).
-REFRESH_COST_FACTOR = 100.0
+# A changed catalog is listed again at most once per this many times what the last
+# listing took: while consumers commit all the time, a catalog slow to list (0.45 s for
+# hundreds of thousands of GUIDs) is listed at most a quarter of the time, since listing
+# holds the GIL most of the time and slows the picks of its process meanwhile.
+REFRESH_COST_FACTOR = 3.0
 
 Key = tuple[int, ...]
 EventKey = tuple[int, int]
@@ -184,7 +188,9 @@ def _key_of(values: Sequence[int]) -> Key:
 
 @dataclass
 class _Snapshot:
-    """The committed master files of one collection, as of ``loaded_at``.
+    """The committed master files of one collection, as of ``loaded_at``, when the
+    catalog's change token was ``token`` (read before listing); ``checked_at`` is
+    when the token was last found unchanged.
 
     ``files`` are sorted by first key; ``reach[i]`` is the largest last key of
     ``files[: i + 1]``, so every file before ``bisect_left(reach, key)`` ends
@@ -201,6 +207,8 @@ class _Snapshot:
     # Whether every file has a locations file that opens (None: not looked yet).
     located: bool | None = None
     load_seconds: float = 0.0  # how long listing the catalog took
+    token: Hashable = None
+    checked_at: float = field(init=False)
     starts: list[Key] = field(init=False)
     ends: list[Key] = field(init=False)
     reach: list[Key] = field(init=False)
@@ -214,6 +222,7 @@ class _Snapshot:
     plans: dict[tuple[str, ...], frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.checked_at = self.loaded_at
         self.files.sort(key=lambda f: (_key_of(f.key_min), f.dataset, f.file_id))
         self.starts = [_key_of(f.key_min) for f in self.files]
         self.ends = [_key_of(f.key_max) for f in self.files]
@@ -278,10 +287,11 @@ class Reader:
     ``key_cache_bytes`` sets the budget of the process-wide cache of row-group keys:
     a pick checks one row group's keys in each file that may hold the event, so a
     warm server needs room for the row groups its picks touch (12 bytes an event row).
-    The file list of a collection is refreshed from the catalog when it is older
-    than ``refresh_seconds`` (``refresh()`` forces it), so data committed later
-    becomes visible without a restart: on a background thread while the old list
-    keeps answering (at most once per 100 times what the listing took), or before
+    The file list of a collection is checked against the catalog's change token
+    when it is older than ``refresh_seconds``, and listed again only if the catalog
+    changed (``refresh()`` forces it), so data committed later becomes visible
+    without a restart: on a background thread while the old list keeps answering
+    (listed at most once per 3 times what the last listing took), or before
     answering when ``refresh_seconds`` is 0. Readers of files that were retired are
     closed ``retired_grace_seconds`` later, so a query still using them can finish.
     """
@@ -304,8 +314,9 @@ class Reader:
         self.max_open_files = max_open_files
         self.refresh_seconds = refresh_seconds
         self._files = OpenFiles(max_open_files)
-        # Extension columns (vertical parts) that picks and lookups add to each event.
-        self.extensions = Extensions(catalog, refresh_seconds=refresh_seconds, files=self._files)
+        # Extension columns (vertical parts) that picks and lookups add to each event; their
+        # lists are refreshed with the master lists (``_load``), never on a pick's path.
+        self.extensions = Extensions(catalog, refresh_seconds=math.inf, files=self._files)
         self._sidecar_files = OpenLocations(max_open_files)
         # Whether locations files answer for their masters (False: map-files only).
         self.use_locations = use_locations
@@ -315,10 +326,12 @@ class Reader:
         self._snapshots: dict[str, _Snapshot] = {}
         self._collections: dict[str, Collection] = {}
         self._collections_at = float("-inf")
+        self._collections_token: Hashable = None
         self._foreign: dict[str, Dataset | None] = {}
         self._counts = dict.fromkeys(
             (
                 "catalog_refreshes",
+                "catalog_checks",
                 "picks_served",
                 "lookups_served",
                 "events_looked_up",
@@ -333,15 +346,31 @@ class Reader:
         with self._lock:
             self._counts[name] += by
 
-    def _load_collections(self) -> None:
-        self._collections = {c.name: c for c in self.catalog.list_collections()}
+    def _load_collections(self, *, force: bool = True) -> None:
+        """List the collections, unless the catalog is unchanged since they were listed
+        (caller holds ``_refresh_lock``)."""
+        token = self.catalog.change_token()
+        if force or token != self._collections_token:
+            self._collections = {c.name: c for c in self.catalog.list_collections()}
+            self._collections_token = token
         self._collections_at = time.monotonic()
+
+    def _fresh_collections(self, *, wait: bool) -> None:
+        """Look again at a collection list older than ``refresh_seconds``; with ``wait``
+        False, a list known answers meanwhile if another thread is refreshing."""
+        if time.monotonic() - self._collections_at < self.refresh_seconds:
+            return
+        if not self._refresh_lock.acquire(blocking=wait or self._collections_token is None):
+            return
+        try:
+            self._load_collections(force=False)
+        finally:
+            self._refresh_lock.release()
 
     def _collection(self, name: str) -> Collection:
         collection = self._collections.get(name)
-        if collection is None and time.monotonic() - self._collections_at >= self.refresh_seconds:
-            with self._refresh_lock:
-                self._load_collections()
+        if collection is None:
+            self._fresh_collections(wait=True)
             collection = self._collections.get(name)
         if collection is None:
             raise NotFoundError(f"collection {name!r} not found")
@@ -351,9 +380,7 @@ class Reader:
 
     def default_collection(self) -> str:
         """The name of the only event collection; ``NotFoundError`` if there are none or several."""
-        if time.monotonic() - self._collections_at >= self.refresh_seconds:
-            with self._refresh_lock:
-                self._load_collections()
+        self._fresh_collections(wait=False)
         names = sorted(n for n, c in self._collections.items() if c.kind is RecordKind.EVENTS)
         if len(names) != 1:
             raise NotFoundError(
@@ -364,7 +391,7 @@ class Reader:
 
     def _snapshot(self, collection: str) -> _Snapshot:
         snapshot = self._snapshots.get(collection)
-        if snapshot is not None and time.monotonic() - snapshot.loaded_at < self._period(snapshot):
+        if snapshot is not None and not self._due(snapshot):
             return snapshot
         if snapshot is None:
             self._collection(collection)
@@ -373,48 +400,67 @@ class Reader:
                 if current is not None and current is not snapshot:
                     return current  # another thread loaded it while this one waited
                 return self._load(collection)
-        # Stale: one thread reloads, the others keep answering from the old list meanwhile.
+        # Due: one thread checks, the others keep answering from the old list meanwhile.
         if not self._refresh_lock.acquire(blocking=False):
             return snapshot
         if self.refresh_seconds > 0:
-            # Off the caller's path: listing a large catalog takes longer than a pick.
+            # Off the caller's path: the token read may be a round trip (HBase), and a
+            # listing takes longer than a pick.
             threading.Thread(
                 target=self._reload, args=(snapshot,), name="reader-refresh", daemon=True
             ).start()
             return snapshot
         return self._reload(snapshot)
 
-    def _period(self, snapshot: _Snapshot) -> float:
-        """How long a file list is used before it is listed again (0: never reused)."""
+    def _due(self, snapshot: _Snapshot) -> bool:
+        """Whether to ask the catalog again: the last check is ``refresh_seconds`` old, and
+        the last listing old enough to list again if the catalog changed."""
         if self.refresh_seconds <= 0:
-            return 0.0
-        return max(self.refresh_seconds, REFRESH_COST_FACTOR * snapshot.load_seconds)
+            return True
+        now = time.monotonic()
+        return now - snapshot.checked_at >= self.refresh_seconds and (
+            now - snapshot.loaded_at
+            >= max(self.refresh_seconds, REFRESH_COST_FACTOR * snapshot.load_seconds)
+        )
 
     def _reload(self, snapshot: _Snapshot) -> _Snapshot:
-        """Replace a stale file list (the caller acquired ``_refresh_lock``; this releases it)."""
+        """List a file list again if the catalog changed since it was listed (the caller
+        acquired ``_refresh_lock``; this releases it)."""
         try:
-            return self._load(snapshot.collection)
+            token = self.catalog.change_token()
+            self._count("catalog_checks")
+            if token == snapshot.token:
+                snapshot.checked_at = time.monotonic()
+                return snapshot
+            return self._load(snapshot.collection, token)
         except EventIndexError as exc:
             # A catalog outage should not fail picks the old list can answer: keep it,
             # and try again one refresh period later rather than on every pick.
             logger.warning(
                 "keeping the file list of %s: refresh failed: %s", snapshot.collection, exc
             )
-            snapshot.loaded_at = time.monotonic()
+            snapshot.loaded_at = snapshot.checked_at = time.monotonic()
             return snapshot
         finally:
             self._refresh_lock.release()
 
-    def _load(self, collection: str) -> _Snapshot:
-        """List the collection's files and datasets (caller holds ``_refresh_lock``)."""
+    def _load(self, collection: str, token: Hashable = None) -> _Snapshot:
+        """List the collection's files and datasets (caller holds ``_refresh_lock``).
+
+        ``token`` is the change token read before, if the caller read it.
+        """
         started = time.perf_counter()
+        if token is None:
+            token = self.catalog.change_token()  # first: a change made meanwhile shows next time
         files = self.catalog.list_tagfiles(collection=collection, kinds=[FileKind.MASTER])
         indexes = self.catalog.list_tagfiles(collection=collection, kinds=[FileKind.INDEX])
         datasets = {d.name: d for d in self.catalog.list_datasets(collection)}
+        self.extensions.reload(collection, token)
         snapshot = _Snapshot(
             collection, time.monotonic(), files, datasets, _sidecars(files, indexes)
         )
         snapshot.load_seconds = time.perf_counter() - started
+        snapshot.token = token
         previous = self._snapshots.get(collection)
         self._snapshots[collection] = snapshot
         self._foreign = {}

@@ -15,7 +15,8 @@ union, AND an intersection, AND NOT a difference, NOT the difference from the
 group's rows) and the count is a cardinality. A master file without an index
 is indexed in memory on first use, so answers never depend on whether the
 Indexer has run. Loaded bitmaps are cached, and the catalog's file list is
-re-read at most once per ``refresh_seconds``.
+re-read when the catalog's change token says it changed, asked at most once
+per ``refresh_seconds``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,7 +290,7 @@ def parse_run_range(text: str) -> tuple[int, int]:
 
 class MenuBook:
     """The catalog's trigger menus, by (SMK, level) and by trigger name, re-read when a
-    key is missing (at most once per ``refresh_seconds``)."""
+    key is missing and the catalog changed (asked at most once per ``refresh_seconds``)."""
 
     def __init__(self, catalog: Catalog, refresh_seconds: float = 1.0) -> None:
         self.catalog = catalog
@@ -297,23 +298,31 @@ class MenuBook:
         self._menus: dict[tuple[int, str], dict[str, int]] = {}
         self._levels: dict[str, set[str]] = {}
         self._loaded_at = float("-inf")
+        self._token: Hashable = None
         self._lock = threading.Lock()
 
-    def _load(self) -> None:
+    def _load(self, token: Hashable = None) -> None:
+        # The token first: a menu stored meanwhile makes the next one differ.
+        token = self.catalog.change_token() if token is None else token
         menus: dict[tuple[int, str], dict[str, int]] = {}
         levels: dict[str, set[str]] = {}
         for menu in self.catalog.list_trigger_menus():
             menus[(menu.key, menu.level)] = {name: bit for bit, name in menu.bits.items()}
             for name in menu.bits.values():
                 levels.setdefault(name, set()).add(menu.level)
-        self._menus, self._levels = menus, levels
+        self._menus, self._levels, self._token = menus, levels, token
         self._loaded_at = time.monotonic()
 
     def _fresh(self, force: bool = False) -> None:
         with self._lock:
-            stale = time.monotonic() - self._loaded_at >= self.refresh_seconds
-            if self._loaded_at == float("-inf") or (force and stale):
+            if self._loaded_at == float("-inf"):
                 self._load()
+            elif force and time.monotonic() - self._loaded_at >= self.refresh_seconds:
+                token = self.catalog.change_token()
+                if token == self._token:
+                    self._loaded_at = time.monotonic()  # unchanged: nothing to list
+                else:
+                    self._load(token)
 
     def levels_of(self, name: TriggerName) -> set[str]:
         """Which menu levels know the trigger; ``TriggerExpressionError`` if none does."""
@@ -510,6 +519,7 @@ class TriggerIndex:
         self._files: list[TagFile] = []
         self._indexes: dict[str, TagFile] = {}
         self._listed_at = float("-inf")
+        self._token: Hashable = None
         self._cache: OrderedDict[str, LoadedIndex] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
@@ -518,15 +528,19 @@ class TriggerIndex:
     def _listing(self) -> tuple[list[TagFile], dict[str, TagFile]]:
         with self._lock:
             if time.monotonic() - self._listed_at >= self.refresh_seconds:
-                entries = self.catalog.list_tagfiles(kinds=[FileKind.MASTER, FileKind.INDEX])
-                self._files = [e for e in entries if e.kind is FileKind.MASTER]
-                self._indexes = {
-                    e.attributes[MASTER_ATTRIBUTE]: e
-                    for e in entries
-                    if e.kind is FileKind.INDEX
-                    and e.part == INDEX_PART
-                    and MASTER_ATTRIBUTE in e.attributes
-                }
+                # Listed again only if the catalog changed since (the token read first).
+                token = self.catalog.change_token()
+                if token != self._token:
+                    entries = self.catalog.list_tagfiles(kinds=[FileKind.MASTER, FileKind.INDEX])
+                    self._files = [e for e in entries if e.kind is FileKind.MASTER]
+                    self._indexes = {
+                        e.attributes[MASTER_ATTRIBUTE]: e
+                        for e in entries
+                        if e.kind is FileKind.INDEX
+                        and e.part == INDEX_PART
+                        and MASTER_ATTRIBUTE in e.attributes
+                    }
+                    self._token = token
                 self._listed_at = time.monotonic()
             return self._files, self._indexes
 
@@ -534,6 +548,7 @@ class TriggerIndex:
         """Forget the file list, so the next query re-reads the catalog."""
         with self._lock:
             self._listed_at = float("-inf")
+            self._token = None
 
     def scope(
         self,
