@@ -58,6 +58,7 @@ from eventindex.spatial.partition import (
     PartitionedWriter,
     assign_cells,
     file_pieces,
+    input_tables,
     normalize,
     partition_local,
 )
@@ -170,12 +171,6 @@ def ensure_objects(folder: Path, objects: int, seed: int) -> list[Path]:
     return parts
 
 
-def _parquet_batches(parts: list[Path]) -> Iterator[pa.Table]:
-    # One thread: on a shared machine, pyarrow's pool spins and multiplies CPU seconds.
-    for path in parts:
-        yield pq.read_table(path, use_threads=False)
-
-
 # -- partitioning ------------------------------------------------------------------
 
 
@@ -200,7 +195,7 @@ def ensure_partitioned(
     summary = partition_local(
         batches,
         writer,
-        memory_bytes=SpatialSettings().partition_memory_mb << 20,
+        memory_bytes=SpatialSettings().partition_memory_bytes,
         spill_dir=str(root),
     )
     wall = time.perf_counter() - started
@@ -493,7 +488,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     try:
         first = pq.read_table(parts[0])
         transform = transform_rate(first.slice(0, 2_000_000))
-        partition = ensure_partitioned(root, catalog, "sky", _parquet_batches(parts))
+        # Read as `eventindex spark partition --local` reads a Parquet folder.
+        partition = ensure_partitioned(root, catalog, "sky", input_tables(str(root / "objects")))
         rng = np.random.default_rng(args.seed + 7)
         ids = rng.integers(0, args.objects, args.queries)
         picks = rng.integers(0, first.num_rows, args.queries)

@@ -184,8 +184,37 @@ class SpatialSettings(Section):
         "lz4", description="Of chunk files: positions compress as well with lz4 as with zstd."
     )
     partition_memory_mb: int = Field(
-        3072, ge=16, description="Assigned rows held in memory before buckets spill to disk."
+        0,
+        ge=0,
+        description=(
+            "MiB of assigned rows held in memory before buckets spill to disk "
+            "(0: a third of the machine's memory)."
+        ),
     )
+    chunks_per_file: int = Field(
+        32,
+        ge=1,
+        le=1 << 20,
+        description="Neighbouring chunks per file of a new object table (child tables "
+        "take their director's).",
+    )
+
+    @property
+    def partition_memory_bytes(self) -> int:
+        """The partitioner's in-memory budget in bytes, ``partition_memory_mb`` resolved."""
+        if self.partition_memory_mb:
+            return self.partition_memory_mb << 20
+        return max(machine_memory_bytes() // 3, 256 << 20)
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit when this process runs under a lower one."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return int(total)
+    return min(int(total), int(limit)) if limit.isdigit() else int(total)
 
 
 class CompactionSettings(Section):

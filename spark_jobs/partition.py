@@ -1,8 +1,8 @@
 """The spatial partitioning job: a catalog table → chunk, overlap and director map-files.
 
 Plan (driver): read the input (Parquet, CSV, or a dataset's master files),
-refuse bad positions and duplicate object ids before anything is written, and
-register the dataset with the grid parameters. Transform (executors, no Spark
+refuse an existing dataset, bad positions and duplicate object ids before
+anything is written. Transform (executors, no Spark
 API): ``eventindex.spatial.partition`` assigns cells, overlap copies and file
 groups per Arrow batch; each (file group, kind) is sorted in one sort and
 written as one map-file holding a run of whole chunks;
@@ -12,26 +12,28 @@ pointing at an object) is joined with its director's index instead: rows
 whose object the director lacks are refused before anything is written, the
 others go to their object's chunk and sub-chunk, one chunk file per file group
 keyed (chunk, sub-chunk, object id, child id), no overlap and no director, as
-``partition_children`` writes them. Main: the driver registers every written file
-and commits it. A job that fails after writing removes what it wrote; a driver
-that dies in between leaves files that ``eventindex catalog verify`` reports as
-orphans.
+``partition_children`` writes them, in the director's file groups. Main: the
+driver registers the dataset (with the grid parameters) and every written file,
+and commits each. A job that fails after writing removes what it wrote and
+registered: the file ids of a run share a prefix, so even the files of a task
+that failed after writing some are found; a driver that dies in between leaves
+files that ``eventindex catalog verify`` reports as orphans.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import posixpath
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from catalog.base import Catalog
-from catalog.model import FileKind, FileState, TagFile
+from catalog.model import FileKind, FileState, TagFile, new_file_id
 from eventindex.config import Settings, SpatialSettings
 from eventindex.errors import EventIndexError, NotFoundError, ValidationError
 from eventindex.spatial.chunker import Chunker
@@ -57,7 +59,7 @@ from eventindex.spatial.partition import (
     write_sorted,
 )
 from eventindex.storage import MapFileInfo, MapFileWriter, WriteOptions
-from eventindex.storage.filesystem import delete_file, exists, join
+from eventindex.storage.filesystem import delete_file, join, list_files
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -80,17 +82,34 @@ WRITTEN_SCHEMA = pa.schema(
 )
 
 
+# Hex digits of a file id that name the run which wrote the file.
+RUN_PREFIX = 8
+
+
 @dataclass(frozen=True)
 class FileTarget:
-    """Where executors write: the store folder of one dataset, and how."""
+    """Where executors write: the store folder of one dataset, and how; the file ids
+    of one run begin with its ``run`` prefix."""
 
     folder: str  # <root>/<collection>/<dataset>
     dataset: str
     options: WriteOptions
+    run: str = field(default_factory=lambda: new_file_id()[:RUN_PREFIX])
+
+    def new_file_id(self) -> str:
+        return self.run + new_file_id()[RUN_PREFIX:]
 
     def uri(self, kind: FileKind, file_id: str, part: str) -> str:
         name = f"{part}.{file_id}.parquet" if part else f"{file_id}.parquet"
         return join(self.folder, kind.value, name)
+
+    def run_files(self) -> list[str]:
+        """Every file of this run in place under the folder (committed or not)."""
+        return [
+            uri
+            for uri in list_files(self.folder, ".parquet")
+            if posixpath.basename(uri).split(".")[-2].startswith(self.run)
+        ]
 
 
 def _written(
@@ -144,12 +163,10 @@ def write_chunk_group(
 ) -> pa.Table:
     """Write the rows of one (file group, kind) as a map-file sorted by ``key`` (the
     chunk key, with the child id after it for a child table)."""
-    from catalog.model import new_file_id
-
     kind = FileKind.OVERLAP if table.column(IS_OVERLAP)[0].as_py() else FileKind.CHUNK
     rows = []
     for index, piece in file_pieces(table.drop_columns([IS_OVERLAP, FILE_GROUP]), groups):
-        file_id = new_file_id()
+        file_id = target.new_file_id()
         part = groups.part(index)
         meta = {"dataset": target.dataset, "kind": kind.value, "chunks": part}
         uri = target.uri(kind, file_id, part)
@@ -162,9 +179,7 @@ def write_chunk_group(
 
 def write_director_part(batches: Iterator[pa.RecordBatch], target: FileTarget) -> pa.Table:
     """Write one partition of director rows (sorted by object id) as a director file."""
-    from catalog.model import new_file_id
-
-    file_id = new_file_id()
+    file_id = target.new_file_id()
     uri = target.uri(FileKind.DIRECTOR, file_id, "")
     meta = {"dataset": target.dataset, "kind": FileKind.DIRECTOR.value}
     writer: MapFileWriter | None = None
@@ -277,7 +292,7 @@ def run_partition(
             written_type,
         )
     )
-    _collect_and_register(writer, [chunk_files, director_files])
+    _collect_and_register(writer, target, [chunk_files, director_files])
     writer.summary.seconds = time.perf_counter() - started
     return writer.summary
 
@@ -360,7 +375,7 @@ def run_partition_children(
             _arrow_to_spark(WRITTEN_SCHEMA),
         )
     )
-    _collect_and_register(writer, [chunk_files])
+    _collect_and_register(writer, target, [chunk_files])
     writer.summary.seconds = time.perf_counter() - started
     return writer.summary
 
@@ -373,19 +388,25 @@ def _target(writer: PartitionedWriter) -> FileTarget:
     )
 
 
-def _collect_and_register(writer: PartitionedWriter, jobs: list[DataFrame]) -> None:
+def _collect_and_register(
+    writer: PartitionedWriter, target: FileTarget, jobs: list[DataFrame]
+) -> None:
     """Run the writing jobs, then register what they wrote; on any failure remove
-    every file written."""
+    every entry registered and every file of the run, reported or not (a task that
+    fails after writing some files reports none)."""
     written: list[dict[str, Any]] = []
     try:
         for files in jobs:
             written.extend(r.asDict() for r in files.toLocalIterator())
         register_written(writer, written)
     except BaseException:
-        for row in written:
+        writer.discard()
+        for row in written:  # entries registered but not committed
+            with contextlib.suppress(EventIndexError):
+                writer.catalog.remove_tagfile(row["file_id"])
+        for uri in target.run_files():
             with contextlib.suppress(EventIndexError, OSError):
-                if exists(row["uri"]):
-                    delete_file(row["uri"])
+                delete_file(uri)
         raise
 
 
@@ -405,6 +426,7 @@ def register_written(writer: PartitionedWriter, written: list[dict[str, Any]]) -
     ]
     if not entries:
         raise ValidationError("the input holds no rows")
+    writer.ensure_dataset()
     writer.catalog.add_tagfiles(entries)
     chunks: set[int] = set()
     for entry, row in zip(entries, written, strict=True):
@@ -446,7 +468,8 @@ def partition_catalog(
     """Partition ``source`` (Parquet, CSV or a dataset) into ``<catalog_name>.<table>``,
     on Spark when a session is given, else in this process. With ``director`` (a
     partitioned table) and ``child_key``, ``source`` is a child table: its rows go to
-    their object's chunk and sub-chunk."""
+    their object's chunk and sub-chunk, in the director's grid and file groups (the
+    ``[spatial]`` grid and ``chunks_per_file`` settings are for object tables)."""
     spatial = settings.spatial
     options = WriteOptions(
         row_group_rows=spatial.row_group_rows,
@@ -470,24 +493,26 @@ def partition_catalog(
             spark,
             uris,
         )
-    if spark is None:
-        batches = input_tables(source, catalog)
-        next_batch = next(batches, None)  # input errors surface before anything is created
-        writer = PartitionedWriter(
-            catalog, settings.store.root, catalog_name, table, chunker_of(settings.spatial), options
-        )
-        chained = [] if next_batch is None else itertools.chain([next_batch], batches)
+    # The writer first: it refuses an existing table before any work, and registers
+    # nothing before its first file.
+    writer = PartitionedWriter(
+        catalog,
+        settings.store.root,
+        catalog_name,
+        table,
+        chunker_of(spatial),
+        options,
+        chunks_per_file=spatial.chunks_per_file,
+    )
+    if spark is not None:
+        return run_partition(spark, read_input(spark, source, uris), writer, columns=columns)
+    with writer.undo_on_failure():
         return partition_local(
-            chained,
+            input_tables(source, catalog),
             writer,
             columns=columns,
-            memory_bytes=settings.spatial.partition_memory_mb << 20,
+            memory_bytes=spatial.partition_memory_bytes,
         )
-    frame = read_input(spark, source, uris)
-    writer = PartitionedWriter(
-        catalog, settings.store.root, catalog_name, table, chunker_of(settings.spatial), options
-    )
-    return run_partition(spark, frame, writer, columns=columns)
 
 
 def dataset_uris(catalog: Catalog, source: str) -> list[str] | None:
@@ -519,37 +544,21 @@ def _partition_children(
     if not child_key:
         raise ValidationError("a child table needs --child-key, the column of its own id")
     objects = ObjectCatalogs(catalog).table(director)
-    if spark is not None:
-        try:
-            frame = read_input(spark, source, uris)
-            writer = PartitionedWriter(
-                catalog,
-                settings.store.root,
-                catalog_name,
-                table,
-                objects.chunker,
-                options,
-                director=objects.name,
-                child_key=child_key,
-            )
-            directors = catalog.list_tagfiles(dataset=objects.name, kinds=[FileKind.DIRECTOR])
-            return run_partition_children(frame, writer, [e.uri for e in directors])
-        finally:
-            objects.close()
-    batches = input_tables(source, catalog)
-    first = next(batches, None)
-    writer = PartitionedWriter(
-        catalog,
-        settings.store.root,
-        catalog_name,
-        table,
-        objects.chunker,
-        options,
-        director=objects.name,
-        child_key=child_key,
-    )
-    chained = [] if first is None else itertools.chain([first], batches)
     try:
-        return partition_children(chained, writer, objects.locate_many)
+        writer = PartitionedWriter(
+            catalog,
+            settings.store.root,
+            catalog_name,
+            table,
+            objects.chunker,
+            options,
+            director=objects.name,
+            child_key=child_key,
+        )
+        if spark is None:
+            return partition_children(input_tables(source, catalog), writer, objects.locate_many)
+        directors = catalog.list_tagfiles(dataset=objects.name, kinds=[FileKind.DIRECTOR])
+        frame = read_input(spark, source, uris)
+        return run_partition_children(frame, writer, [e.uri for e in directors])
     finally:
         objects.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,14 @@ from typing import Any
 import pydantic
 import pytest
 
-from eventindex.config import DEFAULTS_FILE, Settings, load_config, parse_value
+from eventindex.config import (
+    DEFAULTS_FILE,
+    Settings,
+    SpatialSettings,
+    load_config,
+    machine_memory_bytes,
+    parse_value,
+)
 from eventindex.errors import ConfigError
 
 
@@ -256,3 +264,13 @@ def test_flag_that_sets_a_section_to_a_value() -> None:
         load_config(overrides={"store": "x", "store.root": "y"}, environ={})
     with pytest.raises(ConfigError, match="store"):
         load_config(overrides={"store": 5}, environ={})
+
+
+def test_partition_memory_defaults_to_a_third_of_the_machine() -> None:
+    assert load_config().spatial.partition_memory_mb == 0
+    third = SpatialSettings().partition_memory_bytes
+    assert third == max(machine_memory_bytes() // 3, 256 << 20)
+    assert 0 < machine_memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert SpatialSettings(partition_memory_mb=64).partition_memory_bytes == 64 << 20
+    with pytest.raises(pydantic.ValidationError):
+        SpatialSettings(partition_memory_mb=-1)

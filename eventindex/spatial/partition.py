@@ -42,7 +42,13 @@ import pyarrow.compute as pc
 from catalog.base import Catalog
 from catalog.fileset import FilesetWriter
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile, new_file_id
-from eventindex.errors import EventIndexError, NotFoundError, StorageError, ValidationError
+from eventindex.errors import (
+    AlreadyExistsError,
+    EventIndexError,
+    NotFoundError,
+    StorageError,
+    ValidationError,
+)
 from eventindex.records.schema import RecordKind
 from eventindex.spatial.chunker import Chunker, IntArray, SpatialError
 from eventindex.storage import MapFileInfo, MapFileWriter, WriteOptions
@@ -218,6 +224,10 @@ def cell_order(chunk: np.ndarray, sub: np.ndarray, ids: np.ndarray, chunker: Chu
     if n < 2:
         return np.arange(n, dtype=np.int64)
     if bool(np.all(ids[1:] >= ids[:-1])):
+        dense = _dense_cells(cells)
+        if dense is not None:
+            # A stable sort of 16-bit keys is a radix sort: linear, 3-5x the packed sort.
+            return np.argsort(dense, kind="stable")
         if int(cells.max()) < (2**63 - 1) // n:
             keys = cells * n
             keys += np.arange(n, dtype=np.int64)
@@ -226,6 +236,27 @@ def cell_order(chunk: np.ndarray, sub: np.ndarray, ids: np.ndarray, chunker: Chu
             return keys
         return np.argsort(cells, kind="stable")
     return np.lexsort((ids, cells))
+
+
+def _dense_cells(cells: np.ndarray) -> np.ndarray | None:
+    """Each cell's rank among the distinct cells (uint16, same order), or ``None`` when
+    there are more than 2^16 of them or they spread too thin for a lookup table.
+
+    A file group's rows (a bucket of them) touch a few tens of thousands of cells.
+    """
+    low = int(cells.min())
+    span = int(cells.max()) - low + 1
+    if span > max(len(cells), 1 << 20):
+        return None
+    offsets = cells - low
+    present = np.zeros(span, dtype=bool)
+    present[offsets] = True
+    rank = np.cumsum(present, dtype=np.int32)
+    if int(rank[-1]) > 1 << 16:
+        return None
+    rank -= 1
+    dense: np.ndarray = rank.astype(np.uint16)[offsets]
+    return dense
 
 
 def file_pieces(table: pa.Table, groups: FileGroups) -> Iterator[tuple[int, pa.Table]]:
@@ -346,10 +377,12 @@ def dataset_name(catalog_name: str, table: str) -> str:
 class PartitionedWriter:
     """Writes the map-files of one partitioned table and registers them.
 
-    Creates the object collection if needed (refusing an event collection of that
-    name) and the dataset ``<catalog>.<table>`` (refusing one that exists), with
-    the grid and the file layout in its attributes. Every file is registered
-    ``writing`` first, written atomically, then committed, as ``FilesetWriter`` does.
+    Refuses up front an event collection of that name and a dataset
+    ``<catalog>.<table>`` that exists; creates both (the dataset with the grid and
+    the file layout in its attributes) only when its first file is registered, so a
+    refused run registers nothing. A child table takes its director's grid and file
+    groups. Every file is registered ``writing`` first, written atomically, then
+    committed, as ``FilesetWriter`` does; ``discard`` undoes a failed run.
     """
 
     def __init__(
@@ -363,7 +396,7 @@ class PartitionedWriter:
         *,
         director: str | None = None,
         child_key: str | None = None,
-        chunks_per_file: int = DEFAULT_CHUNKS_PER_FILE,
+        chunks_per_file: int | None = None,
         write_threads: int = 4,
     ) -> None:
         self.catalog = catalog
@@ -371,6 +404,11 @@ class PartitionedWriter:
         if (director is None) != (child_key is None):
             raise ValueError("a child table names both its director table and its own key")
         self.chunk_key = CHUNK_KEY if child_key is None else (*CHUNK_KEY, child_key)
+        if director is not None:
+            # A child's files line up with its director's: same grid, same runs of chunks.
+            chunks_per_file = director_chunks_per_file(catalog, director, chunker, chunks_per_file)
+        elif chunks_per_file is None:
+            chunks_per_file = DEFAULT_CHUNKS_PER_FILE
         self.chunker = chunker
         self.groups = FileGroups(chunker, chunks_per_file)
         self.files = FilesetWriter(catalog, store_root, options)
@@ -391,21 +429,31 @@ class PartitionedWriter:
         )
         self.summary = PartitionSummary(self.dataset.name, parameters=chunker.parameters())
         self._chunks: set[int] = set()
+        # What this run registered, for ``discard`` to undo if it fails.
+        self.committed: list[TagFile] = []
+        self._dataset_ready = False
         self._prepare(catalog_name)
 
     def _prepare(self, catalog_name: str) -> None:
+        """Refuse, before any work, another kind of collection or a dataset that exists.
+
+        An existing dataset that holds no file and carries these very attributes is
+        what a failed run leaves (the catalog cannot drop a dataset): it is taken over.
+        """
+        with contextlib.suppress(NotFoundError):
+            _check_objects(self.catalog.get_collection(catalog_name))
         try:
-            collection = self.catalog.get_collection(catalog_name)
+            existing = self.catalog.get_dataset(self.dataset.name)
         except NotFoundError:
-            self.catalog.create_collection(
-                Collection(catalog_name, RecordKind.OBJECTS, "spatially partitioned catalog")
-            )
-        else:
-            if collection.kind is not RecordKind.OBJECTS:
-                raise ValidationError(
-                    f"collection {catalog_name!r} holds {collection.kind.value}, not objects"
-                )
-        self.catalog.create_dataset(self.dataset)
+            return
+        if (
+            existing.collection != self.dataset.collection
+            or existing.format != self.dataset.format
+            or existing.attributes != self.dataset.attributes
+            or self.catalog.list_tagfiles(dataset=existing.name, states=None)
+        ):
+            raise AlreadyExistsError(f"dataset {existing.name!r} already exists")
+        self._dataset_ready = True
 
     def _write_one(self, kind: FileKind, part: str, write: Callable[[str], MapFileInfo]) -> TagFile:
         file_id = new_file_id()
@@ -418,6 +466,7 @@ class PartitionedWriter:
             part=part,
             state=FileState.WRITING,
         )
+        self.ensure_dataset()
         self.catalog.add_tagfile(entry)
         try:
             return self.commit(entry, write(entry.uri))
@@ -452,6 +501,7 @@ class PartitionedWriter:
             )
         if not entries:
             return []
+        self.ensure_dataset()
         self.catalog.add_tagfiles(entries)
         options = chunk_write_options(self.files.options, pieces[0][2].schema)
 
@@ -460,7 +510,8 @@ class PartitionedWriter:
             meta = {"dataset": self.dataset.name, "kind": kind.value, "chunks": entries[index].part}
             return write_sorted(table, entries[index].uri, self.chunk_key, options, meta)
 
-        committed = []
+        committed: list[TagFile] = []
+        failure: BaseException | None = None
         with ThreadPoolExecutor(self.write_threads) as pool:
             futures = [pool.submit(write, i) for i in range(len(entries))]
             try:
@@ -474,14 +525,18 @@ class PartitionedWriter:
                         self.summary.chunks = len(self._chunks)
                     else:
                         self.summary.overlap_rows += table.num_rows
-            except BaseException:
+            except BaseException as exc:
                 for future in futures:
                     future.cancel()
-                done = {e.file_id for e in committed}
-                for entry in entries:
-                    if entry.file_id not in done:
-                        self._forget(entry)
-                raise
+                failure = exc
+        if failure is not None:
+            # The pool has let its running writes finish: none can put a file in place
+            # after its entry is forgotten.
+            done = {e.file_id for e in committed}
+            for entry in entries:
+                if entry.file_id not in done:
+                    self._forget(entry)
+            raise failure
         return committed
 
     def commit(self, entry: TagFile, info: MapFileInfo) -> TagFile:
@@ -500,6 +555,7 @@ class PartitionedWriter:
         )
         self.summary.files += 1
         self.summary.bytes += info.bytes
+        self.committed.append(committed)
         return committed
 
     def _forget(self, entry: TagFile) -> None:
@@ -536,6 +592,77 @@ class PartitionedWriter:
         pieces = [(i, FileKind.CHUNK, t) for i, t in file_pieces(primary, self.groups)]
         pieces += [(i, FileKind.OVERLAP, t) for i, t in file_pieces(overlap, self.groups)]
         self.write_chunks(pieces)
+
+    def ensure_dataset(self) -> None:
+        """Create the collection (if new) and the dataset, once, as the first file is
+        about to be registered."""
+        if self._dataset_ready:
+            return
+        name = self.dataset.collection
+        try:
+            self.catalog.create_collection(
+                Collection(name, RecordKind.OBJECTS, "spatially partitioned catalog")
+            )
+        except AlreadyExistsError:
+            _check_objects(self.catalog.get_collection(name))
+        self.catalog.create_dataset(self.dataset)
+        self._dataset_ready = True
+
+    def discard(self) -> None:
+        """Undo a failed run: every file it committed (retired, deleted, forgotten). A
+        dataset the run created stays, holding no file: a new run takes it over."""
+        committed, self.committed = self.committed, []
+        with contextlib.suppress(EventIndexError):
+            self.catalog.retire_tagfiles([e.file_id for e in committed])
+        for entry in committed:
+            self._forget(entry)
+
+    @contextlib.contextmanager
+    def undo_on_failure(self) -> Iterator[PartitionedWriter]:
+        """This writer, for the length of a run that ``discard`` undoes if it raises."""
+        try:
+            yield self
+        except BaseException:
+            self.discard()
+            raise
+
+
+def _check_objects(collection: Collection) -> None:
+    if collection.kind is not RecordKind.OBJECTS:
+        raise ValidationError(
+            f"collection {collection.name!r} holds {collection.kind.value}, not objects"
+        )
+
+
+def director_chunks_per_file(
+    catalog: Catalog, director: str, chunker: Chunker, chunks_per_file: int | None = None
+) -> int:
+    """The chunks per file recorded by the director table ``director``, which its child
+    tables share with its grid: ``ValidationError`` if ``chunker`` or a given
+    ``chunks_per_file`` differ from the director's."""
+    attributes = catalog.get_dataset(director).attributes
+    if attributes.get(ROLE_ATTRIBUTE) != DIRECTOR_ROLE:
+        raise ValidationError(f"{director} is not a director table: a child table needs one")
+    try:
+        grid = Chunker.from_parameters(attributes)
+    except SpatialError as exc:
+        raise ValidationError(f"{director}: {exc}") from None
+    if grid != chunker:
+        raise ValidationError(
+            f"a child table is partitioned on its director's grid: {director} has "
+            f"{grid.parameters()}, not {chunker.parameters()}"
+        )
+    recorded = attributes.get(CHUNKS_PER_FILE_ATTRIBUTE, "")
+    if not recorded.isdigit():
+        raise ValidationError(
+            f"{director} records no {CHUNKS_PER_FILE_ATTRIBUTE} ({recorded!r}): partition it again"
+        )
+    if chunks_per_file is not None and chunks_per_file != int(recorded):
+        raise ValidationError(
+            f"a child table's files hold as many chunks per file as its director's: "
+            f"{director} has {recorded}, not {chunks_per_file}"
+        )
+    return int(recorded)
 
 
 # -- the local driver ---------------------------------------------------------
@@ -649,8 +776,8 @@ class _Buckets:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-# Bytes of assigned rows held in memory before buckets spill to disk (the
-# ``[spatial] partition_memory_mb`` setting's default).
+# Bytes of assigned rows held in memory before buckets spill to disk when the caller
+# names no budget (the command passes ``[spatial] partition_memory_mb``'s).
 PARTITION_MEMORY_BYTES = 3 << 30
 
 
@@ -874,6 +1001,7 @@ def partition_children(
     if not pieces:
         raise ValidationError("the input holds no rows")
     rows = pa.concat_tables(pieces)
-    writer.write_chunks([(i, FileKind.CHUNK, t) for i, t in file_pieces(rows, writer.groups)])
+    with writer.undo_on_failure():
+        writer.write_chunks([(i, FileKind.CHUNK, t) for i, t in file_pieces(rows, writer.groups)])
     writer.summary.seconds = time.perf_counter() - started
     return writer.summary

@@ -52,3 +52,40 @@ def test_partition_get_and_cone(tmp_path: Path) -> None:
         [*base, "spark", "partition", str(tmp_path / "objects.parquet"), "-n", "sky", "--local"],
     )
     assert again.exit_code != 0  # the table exists already
+
+
+def test_chunks_per_file_setting_and_children(tmp_path: Path) -> None:
+    from catalog.sqlite import SQLiteCatalog
+    from eventindex.spatial.partition import CHUNKS_PER_FILE_ATTRIBUTE
+
+    table = object_table(1000)
+    pq.write_table(table, tmp_path / "objects.parquet")
+    sources = table.select(["object_id"]).append_column("source_id", table["object_id"])
+    pq.write_table(sources, tmp_path / "sources.parquet")
+    base = [
+        "--store", str(tmp_path / "store"),
+        "--catalog", str(tmp_path / "catalog.sqlite"),
+        "--set", "spatial.num_stripes=12",
+        "--set", "spatial.num_sub_stripes=3",
+    ]  # fmt: skip
+    partition = ["spark", "partition", "-n", "sky", "--local"]
+    runner = CliRunner()
+    bad = runner.invoke(
+        app, [*base, "--set", "spatial.chunks_per_file=0", *partition, str(tmp_path)]
+    )
+    assert bad.exit_code != 0 and "chunks_per_file" in f"{bad.output}{bad.exception}"
+    done = runner.invoke(
+        app,
+        [*base, "--set", "spatial.chunks_per_file=8", *partition,
+         str(tmp_path / "objects.parquet")],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    child = runner.invoke(
+        app,
+        [*base, *partition, str(tmp_path / "sources.parquet"), "--table", "Source",
+         "--director", "sky.Object", "--child-key", "source_id"],
+    )  # fmt: skip
+    assert child.exit_code == 0, child.output
+    with SQLiteCatalog(str(tmp_path / "catalog.sqlite")) as catalog:
+        for name in ("sky.Object", "sky.Source"):
+            assert catalog.get_dataset(name).attributes[CHUNKS_PER_FILE_ATTRIBUTE] == "8"
