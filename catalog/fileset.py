@@ -6,14 +6,20 @@ the map-file atomically (temporary name, flush, rename), then commit the full
 entry (rows, bytes, checksum, key range, message ids, GUIDs) in one catalog
 transaction. Debris of a crash is a ``writing`` entry or a temporary file,
 which ``eventindex catalog verify`` reports.
+
+Every writer of map-files ends the same way, so the two steps are here once:
+``committed_entry`` is a registered ``writing`` entry as it is committed, with
+what its writer learned; ``forget_files`` removes the files and entries of
+outputs that will not be committed.
 """
 
 from __future__ import annotations
 
 import posixpath
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +44,70 @@ def referenced_guids(table: pa.Table) -> tuple[str, ...]:
         return ()
     guids = pc.list_flatten(table.column("references")).combine_chunks().field("guid")
     return tuple(sorted(pc.unique(guids).to_pylist()))
+
+
+class WrittenFile(Protocol):
+    """What a writer learned about the file it wrote (``MapFileInfo``, ``LocationsInfo``)."""
+
+    @property
+    def rows(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def checksum(self) -> str: ...
+    @property
+    def key_min(self) -> tuple[int, ...]: ...
+    @property
+    def key_max(self) -> tuple[int, ...]: ...
+
+
+def committed_entry(
+    entry: TagFile,
+    info: WrittenFile,
+    *,
+    supersedes: Iterable[str] = (),
+    message_ids: Iterable[str] = (),
+    guids: Iterable[str] = (),
+    stamp: bool = True,
+) -> TagFile:
+    """A registered ``writing`` entry as it is committed: what its writer learned (rows,
+    bytes, checksum, key range), the files it supersedes, and the message ids and GUIDs
+    it takes over, in state ``COMMITTED`` with ``committed_at`` now. With ``stamp``
+    false ``committed_at`` is left to the commit itself (``FilesetWriter.prepare``
+    builds the entry well before ``commit`` stores it)."""
+    learned = replace(
+        entry,
+        rows=info.rows,
+        bytes=info.bytes,
+        checksum=info.checksum,
+        key_min=info.key_min,
+        key_max=info.key_max,
+        state=FileState.COMMITTED,
+        message_ids=tuple(message_ids),
+        guids=tuple(guids),
+        supersedes=tuple(supersedes),
+    )
+    return replace(learned, committed_at=time.time()) if stamp else learned
+
+
+def forget_files(
+    catalog: Catalog, entries: Sequence[TagFile], *, writing_only: bool = True
+) -> None:
+    """Remove each entry, and its file if it got renamed into place (best effort, entry by
+    entry: what a failing catalog keeps, ``eventindex catalog verify`` reports).
+
+    With ``writing_only`` an entry no longer ``writing`` stays, file and all: it was
+    committed meanwhile (a backend that commits row by row). Without it every entry
+    goes, whatever its state (a run undoing the files it committed and retired)."""
+    for entry in entries:
+        try:
+            if writing_only and catalog.get_tagfile(entry.file_id).state is not FileState.WRITING:
+                continue
+            if exists(entry.uri):
+                delete_file(entry.uri)
+            catalog.remove_tagfile(entry.file_id)
+        except (EventIndexError, OSError):
+            pass
 
 
 class FilesetWriter:
@@ -114,17 +184,8 @@ class FilesetWriter:
         except BaseException:
             self._forget(entry)
             raise
-        return replace(
-            entry,
-            rows=info.rows,
-            bytes=info.bytes,
-            checksum=info.checksum,
-            key_min=info.key_min,
-            key_max=info.key_max,
-            state=FileState.COMMITTED,
-            message_ids=tuple(message_ids),
-            guids=guids,
-            supersedes=tuple(supersedes),
+        return committed_entry(
+            entry, info, supersedes=supersedes, message_ids=message_ids, guids=guids, stamp=False
         )
 
     def commit(self, prepared: TagFile) -> TagFile:
@@ -140,14 +201,5 @@ class FilesetWriter:
         self._forget(prepared)
 
     def _forget(self, entry: TagFile) -> None:
-        """Undo a failed write: delete the file if it got renamed into place, and the
-        ``writing`` entry (best effort: if the catalog is down too, verify reports
-        the debris later)."""
-        try:
-            if self.catalog.get_tagfile(entry.file_id).state is not FileState.WRITING:
-                return
-            if exists(entry.uri):
-                delete_file(entry.uri)
-            self.catalog.remove_tagfile(entry.file_id)
-        except (EventIndexError, OSError):
-            pass
+        """Undo a failed write (the file and its ``writing`` entry)."""
+        forget_files(self.catalog, [entry])

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from catalog.base import Catalog
-from catalog.fileset import FilesetWriter
+from catalog.fileset import FilesetWriter, committed_entry, forget_files
 from catalog.model import Dataset, FileKind, FileState, TagFile, new_file_id
 from catalog.rules import SupersededError
 from eventindex.config import CompactionSettings
@@ -45,7 +45,7 @@ from eventindex.errors import NotFoundError
 from eventindex.query.trigger_index import INDEX_PART
 from eventindex.storage import MapFileInfo, MapFileReader, WriteOptions, write_mapfile
 from eventindex.storage.merge import merge_tables, reorder_like
-from spark_jobs.fanout import committed, fan_out, forget
+from spark_jobs.fanout import fan_out
 from spark_jobs.indexer import run_index, trigger_indexes
 from spark_jobs.sidecars import SidecarTask
 
@@ -368,20 +368,20 @@ def run_compaction(
             pending = entries[task.output_id]
             if not _inputs_live(catalog, task):
                 # Another job compacted (or retired) an input meanwhile: drop this output.
-                forget(catalog, pending)
+                forget_files(catalog, pending)
                 done.add(task.output_id)
                 summary.conflicts.append(task.output_id)
                 continue
             old_parts = tuple(f for i in task.inputs for _, f, _ in i.extensions)
             old_indexes = tuple(f for i in task.inputs for f in i.indexes)
             superseded = tuple(i.file_id for i in task.inputs) + old_parts + old_indexes
-            commits = [committed(e, result.parts[e.part]) for e in pending[:-1]]
-            commits.append(committed(pending[-1], result.master, supersedes=superseded))
+            commits = [committed_entry(e, result.parts[e.part]) for e in pending[:-1]]
+            commits.append(committed_entry(pending[-1], result.master, supersedes=superseded))
             try:
                 written = catalog.commit_tagfiles(commits)
             except SupersededError:
                 # Another job committed over an input since the check above.
-                forget(catalog, pending)
+                forget_files(catalog, pending)
                 done.add(task.output_id)
                 summary.conflicts.append(task.output_id)
                 continue
@@ -405,7 +405,7 @@ def run_compaction(
             if progress is not None:
                 progress(result)
     except BaseException:
-        forget(catalog, [e for i, group in entries.items() if i not in done for e in group])
+        forget_files(catalog, [e for i, group in entries.items() if i not in done for e in group])
         raise
     if reindex:
         summary.reindexed = run_index(catalog, reindex, spark=spark).files

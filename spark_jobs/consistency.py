@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from catalog.base import Catalog
-from catalog.fileset import FilesetWriter
+from catalog.fileset import FilesetWriter, committed_entry
 from catalog.model import Dataset, FileKind, FileState, TagFile, new_file_id
 from eventindex.query.consistency import (
     MAX_LISTED,
@@ -45,7 +45,6 @@ from eventindex.query.consistency import (
 )
 from eventindex.query.triggers import RUN_NUMBER_MAX
 from eventindex.storage import WriteOptions, exists, write_mapfile
-from spark_jobs.fanout import committed
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -541,5 +540,5 @@ def store_reports(
             WriteOptions(row_group_rows=4096),
             metadata={REPORT_METADATA: json.dumps(entry_report, sort_keys=True)},
         )
-        stored.append(catalog.commit_tagfile(committed(entry, info, supersedes=previous)))
+        stored.append(catalog.commit_tagfile(committed_entry(entry, info, supersedes=previous)))
     return stored

@@ -30,13 +30,13 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from catalog.base import Catalog
-from catalog.fileset import FilesetWriter, referenced_guids
+from catalog.fileset import FilesetWriter, committed_entry, forget_files, referenced_guids
 from catalog.model import FileKind, TagFile, new_file_id
 from eventindex.errors import NotFoundError, ValidationError
 from eventindex.storage import MapFileInfo, MapFileReader, WriteOptions, write_mapfile
 from eventindex.storage.filesystem import file_checksum, resolve
 from eventindex.storage.merge import merge_tables
-from spark_jobs.fanout import committed, fan_out, forget
+from spark_jobs.fanout import fan_out
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -204,11 +204,11 @@ def run_conversion(
                 raise ValidationError(result.error)
             task, info = result.task, result.info
             if info is None:  # inputs without a record: nothing to store, nothing to skip
-                forget(catalog, [entries[task.output_id]])
+                forget_files(catalog, [entries[task.output_id]])
                 done.add(task.output_id)
                 continue
             entry = catalog.commit_tagfile(
-                committed(
+                committed_entry(
                     entries[task.output_id], info, message_ids=task.message_ids, guids=result.guids
                 )
             )
@@ -221,7 +221,7 @@ def run_conversion(
             if progress is not None:
                 progress(result)
     except BaseException:
-        forget(catalog, [e for i, e in entries.items() if i not in done])
+        forget_files(catalog, [e for i, e in entries.items() if i not in done])
         raise
     summary.seconds = time.perf_counter() - start
     return summary

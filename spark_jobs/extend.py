@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from catalog.base import Catalog
-from catalog.fileset import FilesetWriter
+from catalog.fileset import FilesetWriter, committed_entry, forget_files
 from catalog.model import FileKind, TagFile, new_file_id
 from eventindex.errors import NotFoundError, ValidationError
 from eventindex.query.extensions import MASTER_ATTRIBUTE
@@ -52,7 +52,7 @@ from eventindex.storage.merge import (
     duplicate_extension_keys,
     encoded_keys,
 )
-from spark_jobs.fanout import committed, fan_out, forget
+from spark_jobs.fanout import fan_out
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -390,7 +390,7 @@ def run_extension(
         for result in fan_out(spark, tasks, extend_file):
             info = result.info
             pending = entries[result.task.output_id]
-            commits.append(committed(pending, info, supersedes=result.task.replaces))
+            commits.append(committed_entry(pending, info, supersedes=result.task.replaces))
             summary.events += info.rows
             summary.bytes += info.bytes
             summary.events_without_values += result.missing
@@ -399,7 +399,7 @@ def run_extension(
                 progress(result)
         summary.extensions = catalog.commit_tagfiles(commits)
     except BaseException:
-        forget(catalog, list(entries.values()))
+        forget_files(catalog, list(entries.values()))
         raise
     summary.files = len(summary.extensions)
     summary.seconds = time.perf_counter() - start

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from catalog.base import Catalog
-from catalog.fileset import FilesetWriter
+from catalog.fileset import FilesetWriter, WrittenFile, committed_entry, forget_files
 from catalog.model import Dataset, FileKind, FileState, TagFile, new_file_id
 from eventindex.errors import NotFoundError
 from eventindex.records.schema import RecordKind
 from eventindex.storage.locations import MASTER_ATTRIBUTE
-from spark_jobs.fanout import WrittenFile, committed, fan_out, forget
+from spark_jobs.fanout import fan_out
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -199,7 +199,7 @@ def run_sidecars(
         # fan_out yields the results in task order.
         for task, pending, result in zip(tasks, entries, fan_out(spark, tasks, write), strict=True):
             written = catalog.commit_tagfile(
-                committed(pending, result.info, supersedes=task.replaces)
+                committed_entry(pending, result.info, supersedes=task.replaces)
             )
             done.add(written.file_id)
             summary.files += 1
@@ -208,6 +208,6 @@ def run_sidecars(
             if progress is not None:
                 progress(result)
     except BaseException:
-        forget(catalog, [e for e in entries if e.file_id not in done])
+        forget_files(catalog, [e for e in entries if e.file_id not in done])
         raise
     summary.seconds = time.perf_counter() - start

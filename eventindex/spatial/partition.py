@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.base import Catalog
-from catalog.fileset import FilesetWriter
+from catalog.fileset import FilesetWriter, committed_entry, forget_files
 from catalog.model import Collection, Dataset, FileKind, FileState, TagFile, new_file_id
 from eventindex.errors import (
     AlreadyExistsError,
@@ -52,7 +52,6 @@ from eventindex.errors import (
 from eventindex.records.schema import RecordKind
 from eventindex.spatial.chunker import Chunker, IntArray, SpatialError
 from eventindex.storage import MapFileInfo, MapFileWriter, WriteOptions
-from eventindex.storage.filesystem import delete_file, exists
 
 OBJECT_ID = "object_id"
 CHUNK_ID = "chunk_id"
@@ -541,29 +540,16 @@ class PartitionedWriter:
 
     def commit(self, entry: TagFile, info: MapFileInfo) -> TagFile:
         """Commit a registered entry with what its writer learned."""
-        committed = self.catalog.commit_tagfile(
-            replace(
-                entry,
-                rows=info.rows,
-                bytes=info.bytes,
-                checksum=info.checksum,
-                key_min=info.key_min,
-                key_max=info.key_max,
-                state=FileState.COMMITTED,
-                committed_at=time.time(),
-            )
-        )
+        committed = self.catalog.commit_tagfile(committed_entry(entry, info))
         self.summary.files += 1
         self.summary.bytes += info.bytes
         self.committed.append(committed)
         return committed
 
     def _forget(self, entry: TagFile) -> None:
-        """Undo one unfinished file: the file if it got renamed into place, and the entry."""
-        with contextlib.suppress(EventIndexError, OSError):
-            if exists(entry.uri):
-                delete_file(entry.uri)
-            self.catalog.remove_tagfile(entry.file_id)
+        """Undo one file: the file if it got renamed into place, and the entry, whatever its
+        state (``discard`` forgets committed files too)."""
+        forget_files(self.catalog, [entry], writing_only=False)
 
     def write_director(self, tables: Iterable[pa.Table]) -> TagFile:
         """One director file from tables whose object ids rise across calls."""
@@ -776,11 +762,35 @@ class _Buckets:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+_PR_SET_THP_DISABLE = 41
+
+
+@contextlib.contextmanager
+def small_pages() -> Iterator[None]:
+    """Transparent huge pages off for this process while it partitions (Linux).
+
+    Partitioning allocates and frees gigabytes of short-lived buffers; the kernel
+    zeroes each fresh 2 MiB page whole, which cost a fifth of the job's CPU time.
+    """
+    libc = None
+    with contextlib.suppress(OSError, AttributeError):
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+                libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.prctl(_PR_SET_THP_DISABLE, 0, 0, 0, 0)
+
+
 # Bytes of assigned rows held in memory before buckets spill to disk when the caller
 # names no budget (the command passes ``[spatial] partition_memory_mb``'s).
 PARTITION_MEMORY_BYTES = 3 << 30
 
 
+@small_pages()
 def partition_local(
     batches: Iterable[pa.Table],
     writer: PartitionedWriter,
@@ -800,30 +810,6 @@ def partition_local(
     folder); each bucket is then sorted and written in turn. Object ids are
     checked unique before any file is written.
     """
-    with small_pages():
-        return _partition_local(
-            batches,
-            writer,
-            columns=columns,
-            memory_rows=memory_rows,
-            memory_bytes=memory_bytes,
-            spill_buckets=spill_buckets,
-            director_file_rows=director_file_rows,
-            spill_dir=spill_dir,
-        )
-
-
-def _partition_local(
-    batches: Iterable[pa.Table],
-    writer: PartitionedWriter,
-    *,
-    columns: Columns = DEFAULT_COLUMNS,
-    memory_rows: int | None = None,
-    memory_bytes: int = PARTITION_MEMORY_BYTES,
-    spill_buckets: int = 64,
-    director_file_rows: int = 50_000_000,
-    spill_dir: str | None = None,
-) -> PartitionSummary:
     started = time.perf_counter()
     chunker = writer.chunker
     ids: list[np.ndarray] = []
@@ -877,7 +863,6 @@ def _partition_local(
 # Input is assigned in slices of this many rows: every array of a slice is then small
 # enough for the allocator to reuse its memory instead of mapping fresh pages.
 ASSIGN_ROWS = 1 << 20
-_PR_SET_THP_DISABLE = 41
 
 
 def _slices(batches: Iterable[pa.Table], columns: Columns) -> Iterator[pa.Table]:
@@ -886,26 +871,6 @@ def _slices(batches: Iterable[pa.Table], columns: Columns) -> Iterator[pa.Table]
         table = normalize(raw, columns)
         for start in range(0, table.num_rows, ASSIGN_ROWS):
             yield table.slice(start, ASSIGN_ROWS)
-
-
-@contextlib.contextmanager
-def small_pages() -> Iterator[None]:
-    """Transparent huge pages off for this process while it partitions (Linux).
-
-    Partitioning allocates and frees gigabytes of short-lived buffers; the kernel
-    zeroes each fresh 2 MiB page whole, which cost a fifth of the job's CPU time.
-    """
-    libc = None
-    with contextlib.suppress(OSError, AttributeError):
-        if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
-                libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.prctl(_PR_SET_THP_DISABLE, 0, 0, 0, 0)
 
 
 def _director_slices(

@@ -315,7 +315,7 @@ def test_a_crash_before_the_commit_leaves_only_writing_debris(
         raise SystemExit("killed")
 
     # A killed process cleans up nothing: no forget, and the commit never happens.
-    monkeypatch.setattr(compact_module, "forget", lambda catalog, entries: None)
+    monkeypatch.setattr(compact_module, "forget_files", lambda catalog, entries: None)
     monkeypatch.setattr(catalog, "commit_tagfiles", crash)
     with pytest.raises(SystemExit):
         run_compaction(catalog, tasks)
