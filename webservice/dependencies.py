@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from catalog.base import Catalog
 from eventindex.config import WebServiceSettings
 from eventindex.query import Reader
+from webservice.models import MAX_COLLECTION_CHARS
 from webservice.problems import ProblemError
 from webservice.service import EventCollections, Service
 
@@ -53,7 +54,7 @@ async def _query_collection(
         str | None,
         Query(
             min_length=1,
-            max_length=256,
+            max_length=MAX_COLLECTION_CHARS,
             description="The event collection; may be omitted when the catalog holds one.",
             examples=["data15_13TeV.physics_Main"],
         ),
@@ -66,6 +67,17 @@ async def _query_collection(
 
 
 EventCollectionQuery = Annotated[str, Depends(_query_collection)]
+
+
+def json_media_type(content_type: str) -> bool:
+    """Whether a ``Content-Type`` names JSON: ``application/json`` or ``application/*+json``,
+    parameters allowed."""
+    message = Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
 
 
 async def _require_json(request: Request) -> None:
@@ -84,12 +96,7 @@ async def _require_json(request: Request) -> None:
             kind="unsupported-media-type",
             code="missing",
         )
-    message = Message()
-    message["content-type"] = content_type
-    subtype = message.get_content_subtype()
-    if message.get_content_maintype() != "application" or not (
-        subtype == "json" or subtype.endswith("+json")
-    ):
+    if not json_media_type(content_type):
         raise ProblemError.bad_field(
             415,
             "content-type",

@@ -55,8 +55,12 @@ EventKey = tuple[RunNumber, EventNumber]
 # Data formats as ATLAS names them (RAW, AOD, DAOD_PHYS), as the wire codec checks them.
 FORMAT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 FormatName = Annotated[str, StringConstraints(pattern=FORMAT_PATTERN)]
-DatasetPattern = Annotated[str, StringConstraints(min_length=1, max_length=512)]
-CollectionName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# Bounds the fast paths (routes/events.py) check as the models do.
+MAX_COLLECTION_CHARS = 256
+MAX_DATASET_CHARS = 512
+MAX_FORMATS = 64
+DatasetPattern = Annotated[str, StringConstraints(min_length=1, max_length=MAX_DATASET_CHARS)]
+CollectionName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_COLLECTION_CHARS)]
 EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SCHEMA.names)
 
 
@@ -112,7 +116,7 @@ class LookupRequest(RequestBody):
         "limit (100,000 by default; more is refused with 413).",
     )
     formats: list[FormatName] | None = Field(
-        None, max_length=64, description="Only locations of these formats."
+        None, max_length=MAX_FORMATS, description="Only locations of these formats."
     )
     dataset: DatasetPattern | None = Field(
         None, description="Only datasets whose names match this glob, e.g. `*.AOD.*`."

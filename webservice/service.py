@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from catalog.base import Catalog
@@ -14,13 +15,20 @@ from eventindex.records.schema import RecordKind
 from webservice.metrics import HttpMetrics
 from webservice.problems import Location, ProblemError
 
+# No token read yet: unequal to every token a catalog gives.
+_UNLISTED = object()
+
 
 class EventCollections:
     """Checks collection names from requests; resolves an omitted one to the only one.
 
-    Collections are never removed, so a name once seen stays valid; a name not seen
-    yet makes the catalog be asked again, at most once per ``refresh_seconds`` (as the
-    Reader does), so a stream of bad names cannot flood the catalog with queries.
+    Collections are never removed, so a name once seen stays valid. A name not seen
+    yet costs a read of the catalog's change token; the collections are listed again
+    only when the token moved since the last listing, and at most once per
+    ``refresh_seconds``, so neither a stream of bad names nor one arriving during
+    heavy ingestion (the token moving with every commit) floods the catalog with
+    listings. A collection created meanwhile is known to the first request naming it
+    once the last listing is ``refresh_seconds`` old.
     """
 
     def __init__(self, catalog: Catalog, reader: Reader, refresh_seconds: float) -> None:
@@ -28,30 +36,38 @@ class EventCollections:
         self._reader = reader
         self._refresh_seconds = refresh_seconds
         self._kinds: dict[str, RecordKind] = {}
-        self._loaded_at = float("-inf")
+        self._token: Hashable = _UNLISTED
+        self._listed_at = float("-inf")
+        # Serialises token reads and listings: concurrent unknown names share one listing.
         self._lock = threading.Lock()
 
-    def _kind(self, name: str) -> RecordKind | None:
+    def _current(self) -> dict[str, RecordKind]:
+        """The kinds by name, listed again first if the catalog changed since the last
+        listing and that listing is ``refresh_seconds`` old."""
         with self._lock:
-            kind = self._kinds.get(name)
-            stale = time.monotonic() - self._loaded_at >= self._refresh_seconds
-        if kind is None and stale:
-            known = {c.name: c.kind for c in self._catalog.list_collections()}
-            with self._lock:
-                self._kinds.update(known)
-                self._loaded_at = time.monotonic()
-            kind = known.get(name)
-        return kind
+            if time.monotonic() - self._listed_at >= self._refresh_seconds:
+                # The token first: a change made during the listing moves it again.
+                token = self._catalog.change_token()
+                if token != self._token:
+                    listed = {c.name: c.kind for c in self._catalog.list_collections()}
+                    self._kinds = {**self._kinds, **listed}
+                    self._token = token
+                    self._listed_at = time.monotonic()
+            return self._kinds
+
+    def _kind(self, name: str) -> RecordKind | None:
+        kind = self._kinds.get(name)
+        return kind if kind is not None else self._current().get(name)
 
     def known(self, name: str) -> bool:
         """Whether ``name`` is an event collection already seen: no catalog query."""
-        with self._lock:
-            return self._kinds.get(name) is RecordKind.EVENTS
+        return self._kinds.get(name) is RecordKind.EVENTS
 
     def refresh(self) -> None:
-        """Ask the catalog again on the next unseen name, however recent the last look."""
+        """List the collections on the next unseen name, whatever the token says."""
         with self._lock:
-            self._loaded_at = float("-inf")
+            self._token = _UNLISTED
+            self._listed_at = float("-inf")
 
     def resolve(self, name: str | None, location: Location) -> str:
         """The event collection to query: ``name``, or the only one when ``None``.
@@ -64,9 +80,7 @@ class EventCollections:
             try:
                 return self._reader.default_collection()
             except NotFoundError as exc:
-                several = (
-                    sum(c.kind is RecordKind.EVENTS for c in self._catalog.list_collections()) > 1
-                )
+                several = sum(kind is RecordKind.EVENTS for kind in self._current().values()) > 1
                 raise ProblemError.bad_field(
                     422 if several else 404,
                     "collection",

@@ -65,6 +65,7 @@ def _paths(store: GeneratedStore) -> list[str]:
         f"/v1/events/{run}/{event}?format=not%20a%20format",
         f"/v1/events/{run}/{event}?collection={collection}&collection={collection}",
         f"/v1/events/{run}/{event}?unknown=1",
+        f"/v1/events/{run}/{event}?format=AOD%0A",
     ]
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import parse_qsl
@@ -13,6 +15,8 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from eventindex.query import PickedEvent as ReaderEvent
+from eventindex.query import Reader
 from eventindex.query.triggers import TriggerExpressionError
 from webservice.dependencies import (
     CollectionsDep,
@@ -24,6 +28,9 @@ from webservice.dependencies import (
 from webservice.models import (
     EXAMPLE_DATASET,
     FORMAT_PATTERN,
+    MAX_COLLECTION_CHARS,
+    MAX_DATASET_CHARS,
+    MAX_FORMATS,
     DatasetPattern,
     FormatName,
     LookupRequest,
@@ -108,13 +115,15 @@ def _plain_pick(path: str, query_string: bytes) -> _PlainPick | None:
     collections = values.get("collection", [])
     datasets = values.get("dataset", [])
     formats = values.get("format", [])
-    if len(collections) > 1 or len(datasets) > 1 or len(formats) > 64:
+    if len(collections) > 1 or len(datasets) > 1 or len(formats) > MAX_FORMATS:
         return None
-    if any(not 1 <= len(c) <= 256 for c in collections) or any(
-        not 1 <= len(d) <= 512 for d in datasets
+    if any(not 1 <= len(c) <= MAX_COLLECTION_CHARS for c in collections) or any(
+        not 1 <= len(d) <= MAX_DATASET_CHARS for d in datasets
     ):
         return None
-    if not all(_FORMAT.match(f) for f in formats):
+    # fullmatch: the models' pattern ends in "$", which Python's match (not the
+    # validator's) lets end before a trailing newline.
+    if not all(_FORMAT.fullmatch(f) for f in formats):
         return None
     return _PlainPick(
         run,
@@ -235,6 +244,38 @@ router.add_api_route(
 )
 
 
+def _lookup_response(keys: Sequence[Sequence[int]], results: list[ReaderEvent | None]) -> Response:
+    # orjson writes the Reader's dataclasses as their to_dict() would (same fields, same
+    # order), natively: no dict is made per event and location.
+    missing = [[run, event] for (run, event), found in zip(keys, results, strict=True) if not found]
+    return json_response(
+        {"results": results, "found": len(results) - len(missing), "missing": missing}
+    )
+
+
+def _looked_up(
+    reader: Reader,
+    collection: str,
+    keys: Sequence[tuple[int, int]],
+    formats: list[str] | None,
+    dataset: str | None,
+) -> Response:
+    """The lookup's answer, with cyclic garbage collection paused until the events are
+    freed. The Reader pauses it only while it builds them: re-enabled then, the next
+    allocation would collect the young generation, every event of the answer among it.
+    Freed first, they leave the generation's count and nothing is collected."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        # No name holds the events: they are freed when the response is made.
+        return _lookup_response(
+            keys, reader.lookup(collection, keys, formats=formats, dataset_pattern=dataset)
+        )
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @router.post(
     "/lookup",
     response_model=LookupResponse,
@@ -258,17 +299,7 @@ def lookup_events(
             title="Too many events",
         )
     collection = collections.resolve(body.collection, "body")
-    results = reader.lookup(
-        collection, body.events, formats=body.formats, dataset_pattern=body.dataset
-    )
-    missing = [list(key) for key, result in zip(body.events, results, strict=True) if not result]
-    return json_response(
-        {
-            "results": [result.to_dict() if result else None for result in results],
-            "found": len(results) - len(missing),
-            "missing": missing,
-        }
-    )
+    return _looked_up(reader, collection, body.events, body.formats, body.dataset)
 
 
 @router.post(

@@ -30,9 +30,10 @@ def _catalogs(request: Request, service: ServiceDep) -> ObjectCatalogs:
         with _create_lock:
             catalogs = getattr(state, "object_catalogs", None)
             if catalogs is None:
+                # An unchanged catalog costs a change-token read per refresh, so tables
+                # are checked as often as the Reader checks its file lists.
                 catalogs = ObjectCatalogs(
-                    service.catalog,
-                    refresh_seconds=service.settings.webservice.reader_refresh_seconds * 30,
+                    service.catalog, refresh_seconds=service.options.reader_refresh_seconds
                 )
                 state.object_catalogs = catalogs
     return catalogs
