@@ -38,11 +38,11 @@ import orjson
 from benchmarks.common import emit, event_store_paths, percentiles_ms
 from benchmarks.pick import (
     LOG_DIR,
-    SERVER_START_TIMEOUT_S,
     Key,
     _free_port,
     process_cpu_seconds,
     sample_keys,
+    serving,
 )
 from catalog.model import FileKind
 from catalog.sqlite import SQLiteCatalog
@@ -93,25 +93,8 @@ def running_server(
             env=environ,
             cwd=workdir,
         )
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} server exited with {process.returncode}; see {log}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up after {SERVER_START_TIMEOUT_S} s; see {log}")
-            time.sleep(0.2)
+    with serving(process, url, log, f"{name} server"):
         yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _bodies(

@@ -211,18 +211,26 @@ def running_server(store: str, catalog: str, workers: int) -> Iterator[tuple[str
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environ)
+    with serving(process, url, log, "server"):
+        yield url, process.pid
+
+
+@contextlib.contextmanager
+def serving(process: subprocess.Popen[bytes], url: str, log: Path, name: str) -> Iterator[None]:
+    """The block runs once the server ``process`` answers its health check at ``url``;
+    the server is stopped after it. ``RuntimeError`` naming ``log`` if it never comes up."""
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}; see {log}")
+                raise RuntimeError(f"{name} exited with {process.returncode}; see {log}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up after {SERVER_START_TIMEOUT_S} s; see {log}")
+                raise RuntimeError(f"{name} not up after {SERVER_START_TIMEOUT_S} s; see {log}")
             time.sleep(0.2)
-        yield url, process.pid
+        yield
     finally:
         process.terminate()
         try:
