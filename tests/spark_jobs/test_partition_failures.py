@@ -13,14 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalog.model import FileKind, TagFile
+from catalog.model import FileKind
 from catalog.sqlite import SQLiteCatalog
 from catalog.verify import verify_catalog
 from eventindex.config import Settings, SpatialSettings, StoreSettings
 from eventindex.errors import NotFoundError, ValidationError
 from eventindex.spatial.partition import CHUNKS_PER_FILE_ATTRIBUTE
 from tests.spark_session import spark  # noqa: F401  (the shared session fixture)
-from tests.spatial.partition_data import object_table, read_kind
+from tests.spatial.partition_data import dataset_entries, files_under, object_table, read_kind
 
 pytestmark = pytest.mark.spark
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -53,17 +53,6 @@ def _children(objects: pa.Table, n: int) -> pa.Table:
     )
 
 
-def _entries(catalog: SQLiteCatalog, dataset: str) -> list[TagFile]:
-    try:
-        return catalog.list_tagfiles(dataset=dataset, states=None)
-    except NotFoundError:
-        return []
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
 def test_spark_refused_runs_register_nothing(spark: Any, tmp_path: Path) -> None:  # noqa: F811
     from spark_jobs.partition import partition_catalog
 
@@ -80,7 +69,7 @@ def test_spark_refused_runs_register_nothing(spark: Any, tmp_path: Path) -> None
                 settings, catalog, _write(bad, tmp_path / f"{name}.parquet"), "sky", spark=spark
             )
         assert catalog.list_collections() == []
-    assert _files(tmp_path / "store") == []
+    assert files_under(tmp_path / "store") == []
 
     source = _write(objects, tmp_path / "objects.parquet")
     assert partition_catalog(settings, catalog, source, "sky", spark=spark).rows == 600
@@ -119,8 +108,8 @@ def test_spark_failed_writes_leave_nothing(spark: Any, tmp_path: Path) -> None: 
     blocker.write_text("in the way")
     with pytest.raises(Exception, match="cannot create map-file"):
         partition_catalog(settings, catalog, source, "sky", spark=spark)
-    assert _entries(catalog, "sky.Object") == []
-    assert _files(tmp_path / "store") == [blocker]
+    assert dataset_entries(catalog, "sky.Object") == []
+    assert files_under(tmp_path / "store") == [blocker]
     blocker.unlink()
     assert partition_catalog(settings, catalog, source, "sky", spark=spark).rows == 2000
 
@@ -132,8 +121,8 @@ def test_spark_failed_writes_leave_nothing(spark: Any, tmp_path: Path) -> None: 
     (child_folder / "chunk").write_text("in the way")
     with pytest.raises(Exception, match="cannot create map-file"):
         partition_catalog(settings, catalog, sources, "sky", "Source", spark=spark, **CHILD)
-    assert _entries(catalog, "sky.Source") == []
-    assert _files(child_folder) == [child_folder / "chunk"]
+    assert dataset_entries(catalog, "sky.Source") == []
+    assert files_under(child_folder) == [child_folder / "chunk"]
     (child_folder / "chunk").unlink()
     settings = _settings(tmp_path, chunks_per_file=32)
     summary = partition_catalog(settings, catalog, sources, "sky", "Source", spark=spark, **CHILD)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from catalog.model import FileKind
+from catalog.model import FileKind, TagFile
 from catalog.sqlite import SQLiteCatalog
+from eventindex.errors import NotFoundError
 from eventindex.spatial.chunker import Chunker
 from eventindex.spatial.partition import PartitionedWriter, PartitionSummary, partition_local
 from eventindex.storage import MapFileReader, WriteOptions
@@ -76,3 +77,16 @@ def read_kind(catalog: SQLiteCatalog, dataset: str, kind: FileKind) -> dict[str,
         with MapFileReader(entry.uri) as reader:
             found[entry.part or entry.file_id] = reader.read()
     return found
+
+
+def dataset_entries(catalog: SQLiteCatalog, dataset: str) -> list[TagFile]:
+    """Every entry of ``dataset`` in any state; none when there is no such dataset."""
+    try:
+        return catalog.list_tagfiles(dataset=dataset, states=None)
+    except NotFoundError:
+        return []
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, hidden (temporary) ones included."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())

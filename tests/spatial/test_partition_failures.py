@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalog.model import FileKind, TagFile
+from catalog.model import FileKind
 from catalog.sqlite import SQLiteCatalog
 from catalog.verify import verify_catalog
 from eventindex.config import Settings, SpatialSettings, StoreSettings
@@ -31,7 +31,14 @@ from eventindex.spatial.partition import (
 )
 from eventindex.storage import MapFileWriter
 from spark_jobs.partition import partition_catalog
-from tests.spatial.partition_data import GRID, OPTIONS, object_table, read_kind
+from tests.spatial.partition_data import (
+    GRID,
+    OPTIONS,
+    dataset_entries,
+    files_under,
+    object_table,
+    read_kind,
+)
 
 CHILD: dict[str, Any] = {"director": "sky.Object", "child_key": "source_id"}
 
@@ -67,18 +74,6 @@ def _write(table: pa.Table, path: Path) -> str:
     return str(path)
 
 
-def _entries(catalog: SQLiteCatalog, dataset: str) -> list[TagFile]:
-    try:
-        return catalog.list_tagfiles(dataset=dataset, states=None)
-    except NotFoundError:
-        return []
-
-
-def _files(folder: Path) -> list[Path]:
-    """Every file under ``folder``, hidden (temporary) ones included."""
-    return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
 def _assert_unregistered(catalog: SQLiteCatalog, dataset: str) -> None:
     with pytest.raises(NotFoundError):
         catalog.get_dataset(dataset)
@@ -109,7 +104,7 @@ def test_refused_object_runs_register_nothing(tmp_path: Path, defect: str) -> No
         partition_catalog(settings, catalog, _write(bad, tmp_path / "bad.parquet"), "sky")
     assert catalog.list_collections() == []
     _assert_unregistered(catalog, "sky.Object")
-    assert _files(tmp_path / "store") == []
+    assert files_under(tmp_path / "store") == []
     # The same run with good input now succeeds.
     summary = partition_catalog(settings, catalog, _write(table, tmp_path / "ok.parquet"), "sky")
     assert summary.rows == 400
@@ -135,7 +130,7 @@ def test_bad_input_mid_stream_leaves_no_dataset_and_no_spill(tmp_path: Path) -> 
         )
     assert list(spill.iterdir()) == []
     _assert_unregistered(catalog, "sky.Object")
-    assert _files(store) == []
+    assert files_under(store) == []
     writer = PartitionedWriter(catalog, str(store), "sky", "Object", GRID, OPTIONS)
     summary = partition_local(
         batches(table.slice(2000)), writer, memory_rows=500, spill_buckets=4, spill_dir=str(spill)
@@ -170,7 +165,7 @@ def test_refused_child_runs_register_nothing(
     with pytest.raises(ValidationError):
         partition_catalog(settings, catalog, source, "sky", "Source", **CHILD)
     _assert_unregistered(catalog, "sky.Source")
-    assert _files(tmp_path / "store" / "sky" / "sky.Source") == []
+    assert files_under(tmp_path / "store" / "sky" / "sky.Source") == []
     source = _write(children, tmp_path / "ok.parquet")
     assert partition_catalog(settings, catalog, source, "sky", "Source", **CHILD).rows == 900
     _assert_clean(catalog, tmp_path / "store")
@@ -282,8 +277,8 @@ def test_failed_object_writes_leave_nothing(
         monkeypatch.setattr(partition_module, "MapFileWriter", failing.writer_class())
     with pytest.raises(StorageError):
         partition_catalog(settings, catalog, source, "sky")
-    assert _entries(catalog, "sky.Object") == []
-    assert [p for p in _files(tmp_path / "store") if p != blocker] == []
+    assert dataset_entries(catalog, "sky.Object") == []
+    assert [p for p in files_under(tmp_path / "store") if p != blocker] == []
     if where == "overlap_folder":
         blocker.unlink()
     monkeypatch.undo()
@@ -307,8 +302,8 @@ def test_failed_child_writes_leave_nothing(
     (folder / "chunk").write_text("in the way")
     with pytest.raises(StorageError):
         partition_catalog(settings, catalog, source, "sky", "Source", **CHILD)
-    assert _entries(catalog, "sky.Source") == []
-    assert _files(folder) == [folder / "chunk"]
+    assert dataset_entries(catalog, "sky.Source") == []
+    assert files_under(folder) == [folder / "chunk"]
     (folder / "chunk").unlink()
     assert partition_catalog(settings, catalog, source, "sky", "Source", **CHILD).rows == 2000
     _assert_clean(catalog, tmp_path / "store")
