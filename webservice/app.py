@@ -100,6 +100,11 @@ def create_app(settings: Settings, *, catalog: Catalog | None = None) -> FastAPI
                 yield
             finally:
                 reader.close()
+                # Made on the first object request (webservice/routes/objects.py), if any.
+                object_catalogs = getattr(app.state, "object_catalogs", None)
+                if object_catalogs is not None:
+                    object_catalogs.close()
+                    app.state.object_catalogs = None
         finally:
             if catalog is None:
                 opened.close()

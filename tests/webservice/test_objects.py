@@ -103,3 +103,29 @@ def test_bad_ids_and_catalogs(client: TestClient) -> None:
         404,
         "catalog",
     )
+
+
+def test_shutdown_closes_the_object_tables(
+    partitioned: Partitioned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventindex.query.objects import ObjectTable
+
+    closed: list[str] = []
+    original = ObjectTable.close
+
+    def close(table: ObjectTable) -> None:
+        closed.append(table.name)
+        original(table)
+
+    monkeypatch.setattr(ObjectTable, "close", close)
+    root = Path(partitioned.store)
+    settings = load_config(
+        overrides={"store.root": str(root), "catalog.path": str(root.parent / "catalog.sqlite")},
+        environ={},
+    )
+    app = create_app(settings)
+    with TestClient(app) as test_client:
+        assert test_client.get("/v1/objects/cone?ra=10&dec=0&radius_arcsec=60").status_code == 200
+        assert not closed
+    assert closed == ["sky.Object"]
+    assert app.state.object_catalogs is None
