@@ -830,33 +830,30 @@ class Reader:
         # The rows each locations file is read at, and every file's pages of them asked
         # for before any is read (records first: with rows of different depths, where a
         # row's references are is in its record), so the reads of all files overlap.
-        rows_of: dict[int, IntArray] = {}
+        rows_of: dict[int, tuple[LocationIndex, IntArray]] = {}
         for index in sorted(reads):
             if index in located:
-                held, rows = located[index]
-                rows_of[index] = rows[np.searchsorted(held, reads[index])]
-        for index, rows in rows_of.items():
-            located_index = self._sidecar(snapshot, snapshot.files[index])
-            if located_index is not None:
-                wanted = attributed.get(index, set())
-                mask = np.fromiter((q in wanted for q in reads[index]), bool, len(rows))
-                located_index.prefetch_rows(rows, rows[mask])
-        for index, rows in rows_of.items():
-            located_index = self._sidecar(snapshot, snapshot.files[index])
-            if located_index is not None:
-                located_index.prefetch_references(rows)
+                sidecar, held, rows = located[index]
+                rows_of[index] = (sidecar, rows[np.searchsorted(held, reads[index])])
+        for index, (sidecar, rows) in rows_of.items():
+            wanted = attributed.get(index, set())
+            mask = np.fromiter((q in wanted for q in reads[index]), bool, len(rows))
+            sidecar.prefetch_rows(rows, rows[mask])
+        for sidecar, rows in rows_of.values():
+            sidecar.prefetch_references(rows)
         # One file at a time: get_many already decodes a file's row groups on several threads.
         records: list[list[_Record]] = [[] for _ in checked]
         for index in sorted(reads):
             entry = snapshot.files[index]
-            for query, record in self._read_many(
-                snapshot,
-                entry,
-                checked,
-                reads[index],
-                attributed.get(index, set()),
-                rows_of.get(index),
-            ):
+            wanted = attributed.get(index, set())
+            answered = (
+                self._read_many_located(
+                    rows_of[index][0], entry, checked, reads[index], wanted, rows_of[index][1]
+                )
+                if index in rows_of
+                else self._read_many(snapshot, entry, checked, reads[index], wanted)
+            )
+            for query, record in answered:
                 records[query].append(record)
         events = [
             self._finish(
@@ -876,9 +873,10 @@ class Reader:
 
     def _holders(
         self, snapshot: _Snapshot, keys: Sequence[EventKey], dataset_pattern: str | None
-    ) -> tuple[list[list[int]], dict[int, tuple[IntArray, IntArray]]]:
+    ) -> tuple[list[list[int]], dict[int, tuple[LocationIndex, IntArray, IntArray]]]:
         """For every key, the indexes in ``snapshot.files`` of the files that hold it; and
-        per file answered by a locations file, the keys it holds (sorted) and their rows."""
+        per file answered by a locations file, that file, the keys it holds (sorted) and
+        their rows."""
         runs = np.fromiter((k[0] for k in keys), dtype=np.uint32, count=len(keys))
         events = np.fromiter((k[1] for k in keys), dtype=np.uint64, count=len(keys))
         encoded = encode_key_columns([runs, events])
@@ -887,7 +885,12 @@ class Reader:
         # Per file, the slice of the sorted keys inside its key range: two vectorised bisects.
         low = np.searchsorted(ordered, snapshot.starts_encoded, side="left")
         high = np.searchsorted(ordered, snapshot.ends_encoded, side="right")
-        candidates: list[tuple[int, IntArray, LocationIndex | None]] = []
+        # (file, its keys, its locations file and their runs and events, or None and all keys)
+        candidates: list[
+            tuple[
+                int, IntArray, LocationIndex | None, npt.NDArray[np.uint32], npt.NDArray[np.uint64]
+            ]
+        ] = []
         for index in np.flatnonzero(high > low).tolist():
             entry = snapshot.files[index]
             if dataset_pattern is not None and not fnmatch.fnmatchcase(
@@ -897,21 +900,24 @@ class Reader:
             queries = order[low[index] : high[index]]
             sidecar = self._sidecar(snapshot, entry)
             if sidecar is not None:
+                file_runs, file_events = runs[queries], events[queries]
                 # Every file's key blocks are asked for before any is read: the reads
                 # of all files then overlap instead of waiting one file at a time.
-                sidecar.prefetch_keys(runs[queries], events[queries])
-            candidates.append((index, queries, sidecar))
+                sidecar.prefetch_keys(file_runs, file_events)
+                candidates.append((index, queries, sidecar, file_runs, file_events))
+            else:
+                candidates.append((index, queries, None, runs, events))
         holders: list[list[int]] = [[] for _ in keys]
-        located: dict[int, tuple[IntArray, IntArray]] = {}
-        for index, queries, sidecar in candidates:
+        located: dict[int, tuple[LocationIndex, IntArray, IntArray]] = {}
+        for index, queries, sidecar, file_runs, file_events in candidates:
             if sidecar is not None:
-                rows = sidecar.find_many(runs[queries], events[queries], prefetched=True)
+                rows = sidecar.find_many(file_runs, file_events, prefetched=True)
                 hit = rows >= 0
                 held = queries[hit]
                 for query in held.tolist():
                     holders[query].append(index)
                 by_query = np.argsort(held, kind="stable")
-                located[index] = (held[by_query], rows[hit][by_query])
+                located[index] = (sidecar, held[by_query], rows[hit][by_query])
                 continue
             # Key columns only: answered from the key index, no payload is decoded.
             found = self._reader(snapshot.files[index]).get_many(

@@ -60,6 +60,10 @@ RUN_COLUMN = "run_number"
 # Every BLOCK-th event number of a file is kept in memory: a lookup then reads one block.
 BLOCK = 1024
 _CHUNK = 1024  # probes compared against their blocks at once (bounds the temporary arrays)
+# Up to this many keys or rows of one file are handled one by one: numpy's fixed cost per
+# call on a handful of elements is more than a Python loop over them (a small batch
+# touches many files with a key or two each).
+_SCALAR_MAX = 16
 _PAGE = mmap.PAGESIZE
 EVENT_COLUMN = "event_number"
 
@@ -384,6 +388,7 @@ class LocationIndex:
             }
             arrays: dict[str, npt.NDArray[Any]] = {}
             self._offsets: dict[str, int] = {}
+            self._itemsizes: dict[str, int] = {}
             for name, entry in header["sections"].items():
                 dtype = _dtype_of(entry["dtype"])
                 count, offset = int(entry["count"]), int(entry["offset"])
@@ -391,6 +396,7 @@ class LocationIndex:
                     raise ValueError(f"section {name} runs past the end of the file")
                 arrays[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
                 self._offsets[name] = offset
+                self._itemsizes[name] = dtype.itemsize
             self._runs = arrays["runs"]
             self._run_starts = arrays["run_starts"]
             self._events = arrays["events"]
@@ -428,40 +434,62 @@ class LocationIndex:
             np.array(self._events[low:high:BLOCK])
             for low, high in itertools.pairwise(self._run_start_list)
         ]
+        # The same as lists: one key's block is a bisect of a list, ten times quicker
+        # than numpy's searchsorted called for one value.
+        self._sample_lists: list[list[int]] = [samples.tolist() for samples in self._samples]
 
     def _prefetch(self, section: str, starts: IntArray, stops: IntArray) -> None:
         """Ask the kernel to read elements ``[starts[i], stops[i])`` of a section now, all
         at once, so the reads that follow wait for one round of I/O rather than one each."""
         if self._mmap is None or not hasattr(mmap, "MADV_WILLNEED") or len(starts) == 0:
             return
+        if len(starts) <= _SCALAR_MAX:
+            for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+                self._advise(section, start, stop)
+            return
         offset = self._offsets[section]
-        size = {"events": self._events, "rows": self._records, "references": self._references}[
-            section
-        ].dtype.itemsize
+        size = self._itemsizes[section]
         first = (offset + starts.astype(np.int64) * size) // _PAGE * _PAGE
         last = offset + stops.astype(np.int64) * size
         keep = last > first
         for begin, end in zip(first[keep].tolist(), last[keep].tolist(), strict=True):
             self._mmap.madvise(mmap.MADV_WILLNEED, begin, end - begin)
 
+    def _advise(self, section: str, start: int, stop: int) -> None:
+        """``_prefetch`` of one range ``[start, stop)`` (the caller checked that the
+        platform has ``MADV_WILLNEED``)."""
+        if stop > start and self._mmap is not None:
+            offset = self._offsets[section]
+            size = self._itemsizes[section]
+            first = (offset + start * size) // _PAGE * _PAGE
+            self._mmap.madvise(mmap.MADV_WILLNEED, first, offset + stop * size - first)
+
     def _block(self, index: int, code: int) -> tuple[int, int]:
         """Rows ``[start, stop)`` of run segment ``index`` where the first ``code`` must be."""
         low, high = self._run_start_list[index], self._run_start_list[index + 1]
-        block = int(np.searchsorted(self._samples[index], code, side="left"))
+        block = bisect.bisect_left(self._sample_lists[index], code)
         return low + max(block - 1, 0) * BLOCK, min(low + block * BLOCK + 1, high)
 
     # -- keys ------------------------------------------------------------------
-    def find(self, run_number: int, event_number: int) -> int:
-        """The first row holding ``(run_number, event_number)``, or -1."""
+    def _key_block(self, run_number: int, event_number: int) -> tuple[int, int, int] | None:
+        """The event code of a key and the rows ``[start, stop)`` it must be in, from the
+        samples in memory (no page is read); ``None`` when the file cannot hold it."""
         index = _bisect(self._run_list, run_number)
         if index < 0:
-            return -1
+            return None
         code = event_number - self._event_base
         if not 0 <= code <= self._event_top:
+            return None
+        return (code, *self._block(index, code))
+
+    def find(self, run_number: int, event_number: int) -> int:
+        """The first row holding ``(run_number, event_number)``, or -1."""
+        found = self._key_block(run_number, event_number)
+        if found is None:
             return -1
-        start, stop = self._block(index, code)
+        code, start, stop = found
         events = self._events[start:stop]
-        row = int(np.searchsorted(events, events.dtype.type(code), side="left"))
+        row = int(events.searchsorted(events.dtype.type(code), side="left"))
         if row == len(events) or int(events[row]) != code:
             return -1
         return start + row
@@ -491,6 +519,14 @@ class LocationIndex:
     def prefetch_keys(self, runs: npt.NDArray[np.uint32], events: npt.NDArray[np.uint64]) -> None:
         """Ask for the key blocks ``find_many`` will read for these keys, without waiting:
         a batch asks this of all its files first, so their reads overlap."""
+        if self._mmap is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        if len(runs) <= _SCALAR_MAX:
+            for run, event in zip(runs.tolist(), events.tolist(), strict=True):
+                found = self._key_block(run, event)
+                if found is not None:
+                    self._advise("events", found[1], found[2])
+            return
         for _, low, _, _, starts, stops in self._segments(runs, events):
             self._prefetch("events", starts + low, stops + low)
 
@@ -501,8 +537,13 @@ class LocationIndex:
         *,
         prefetched: bool = False,
     ) -> IntArray:
-        """``find`` for parallel arrays of keys, vectorised: rows, -1 where absent
-        (``prefetched``: the caller already asked for their blocks with ``prefetch_keys``)."""
+        """``find`` for parallel arrays of keys, vectorised (a few: one by one): rows, -1
+        where absent (``prefetched``: the caller asked for their blocks with ``prefetch_keys``)."""
+        if len(runs) <= _SCALAR_MAX:
+            if not prefetched:
+                self.prefetch_keys(runs, events)
+            pairs = zip(runs.tolist(), events.tolist(), strict=True)
+            return np.fromiter(itertools.starmap(self.find, pairs), np.int64, len(runs))
         found = np.full(len(runs), -1, dtype=np.int64)
         for queries, low, high, probes, starts, stops in self._segments(runs, events):
             piece = self._events[low:high]
@@ -592,6 +633,8 @@ class LocationIndex:
         if not prefetched:
             self.prefetch_rows(rows)
             self.prefetch_references(rows)
+        if len(rows) <= _SCALAR_MAX:
+            return [self.references(row) for row in rows.tolist()]
         starts, counts = self._spans(rows)
         picked = self._references[_ranges(starts, counts)]
         targets = picked["target"].tolist()
@@ -609,6 +652,8 @@ class LocationIndex:
         """``attributes`` of many rows at once."""
         if len(rows) == 0:
             return []
+        if len(rows) <= _SCALAR_MAX:
+            return [self.attributes(row) for row in rows.tolist()]
         records = self._records[rows]
         columns: list[list[int]] = []
         for encoding in self._encodings:
