@@ -13,6 +13,7 @@ bulk check of :func:`~eventindex.records.codec.decode.decode_messages`.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -236,19 +237,27 @@ def _decode_columns(
     return _Decoded(n, references.total, tuple(widths), pieces, keys_checked)
 
 
+def _list_block(
+    spec: list[Any], n: int, place: _Place, typecode: str, scan: Callable[..., Exception]
+) -> array[Any]:
+    """A column given as a JSON list, as an ``array`` of ``typecode``, converted in one C
+    call; ``scan`` names the first bad value when the conversion refuses one."""
+    if len(spec) != n:
+        raise _shape_error(place, spec, n)
+    block: array[Any] = array(typecode)
+    try:
+        block.fromlist(spec)
+    except (TypeError, OverflowError):
+        raise scan(place, spec) from None
+    return block
+
+
 def _decode_bools(
     spec: Any, n: int, version: int, name: str, checked: tuple[list[list[Any]], list[_Place]]
 ) -> Any:
     place = _COLUMN_PLACES[name]
     if type(spec) is list:
-        if len(spec) != n:
-            raise _shape_error(place, spec, n)
-        block = array("B")
-        try:
-            block.fromlist(spec)
-        except (TypeError, OverflowError):
-            raise _scan_booleans(place, spec) from None
-        raw = block.tobytes()
+        raw = _list_block(spec, n, place, "B", _scan_booleans).tobytes()
         if raw.translate(None, b"\x00\x01"):
             raise _scan_booleans(place, spec)
         checked[0].append(spec)
@@ -267,13 +276,7 @@ def _decode_floats(
 ) -> Any:
     place = _COLUMN_PLACES[name]
     if type(spec) is list:
-        if len(spec) != n:
-            raise _shape_error(place, spec, n)
-        block = array("f")
-        try:
-            block.fromlist(spec)
-        except (TypeError, OverflowError):
-            raise _scan_floats(place, spec) from None
+        block = _list_block(spec, n, place, "f", _scan_floats)
         # float32 overflow is the only range problem of a float column; max/min of
         # the Python numbers is cheaper than a numpy round trip
         if n and (max(spec) >= _F32_OVERFLOW or min(spec) <= -_F32_OVERFLOW):
